@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdeflow import FlowProcess, GaussianMixture, VPDiscreteProcess
+from sdeflow.interop import run_diffusers_scheduler
 from sdeflow.samplers import ddim, dpmpp_2m, euler, flow_euler, heun
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[dev]'")
@@ -20,19 +21,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _vp_eps(x_in, sigma):
-    """ε-prediction on VP-scaled input x_t = x̃/√(1+σ²), from the oracle."""
-    xt = x_in * (1 + sigma**2) ** 0.5
-    return (xt - GM.denoise(xt, sigma)) / sigma
-
-
-def _run_diffusers(sch, x, sigma_at):
-    for k, t in enumerate(sch.timesteps):
-        x_in = sch.scale_model_input(x, t)
-        x = sch.step(_vp_eps(x_in, sigma_at(k, t)), t, x).prev_sample
-    return x
-
-
 def _noise():
     return torch.randn(B, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -43,7 +31,7 @@ def test_ddim_matches_diffusers():
     ac = sch.alphas_cumprod.double()
     sig_of_t = lambda k, t: float(((1 - ac[t]) / ac[t]) ** 0.5)  # noqa: E731
     noise = _noise()
-    ref = _run_diffusers(sch, noise, sig_of_t)
+    ref, _ = run_diffusers_scheduler(sch, GM, noise)
     proc = VPDiscreteProcess()
     sigmas = torch.tensor([sig_of_t(0, t) for t in sch.timesteps] + [0.0], dtype=torch.float64)
     # our grid for 'leading' spacing is diffusers' grid (diffusers holds ᾱ in float32: at t = 0, 1 − ᾱ ≈ 1e-4
@@ -73,7 +61,8 @@ def test_sigma_space_schedulers_match_diffusers(name, cls, ours, first):
     sch.set_timesteps(10)
     sig = sch.sigmas.double()
     noise = _noise()
-    ref = _run_diffusers(sch, noise * sch.init_noise_sigma, lambda k, t: float(sig[k]))
+    ref, nfe = run_diffusers_scheduler(sch, GM, noise)
+    assert nfe == (19 if name == "heun" else 10)
     grid = torch.unique_consecutive(sig)  # Heun repeats interior σ; the grid is the distinct values
     if first == "vp":  # DPM-Solver works on x_t = x̃/√(1+σ²): start from the same x_T
         x_init = noise * (1 + grid[0] ** 2) ** 0.5
@@ -94,12 +83,7 @@ def test_flow_euler_matches_flow_match_euler(shift):
     sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sch.set_timesteps(sigmas=t.tolist())
     noise = _noise()
-    x = noise.clone()
-    for k, ts in enumerate(sch.timesteps):
-        tk = float(sch.sigmas[k])
-        xt_tilde = x / (1 - tk)
-        v = (x - GM.denoise(xt_tilde, tk / (1 - tk))) / tk  # v = ε̂ − x̂0 = (x_t − x̂0)/t
-        x = sch.step(v, ts, x).prev_sample
+    x, _ = run_diffusers_scheduler(sch, GM, noise)
     ours = flow_euler(GM, noise / (1 - float(t[0])), sigmas, process=proc)
     print(f"flow_euler shift {shift}: relative difference {_rel(ours, x):.2e}")
     assert _rel(ours, x) < 1e-4

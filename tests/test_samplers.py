@@ -1,5 +1,6 @@
 """Samplers against the exact oracle: convergence, determinism, order, and errors."""
 
+import itertools
 import math
 
 import pytest
@@ -84,7 +85,7 @@ def test_heun_is_second_order():
     x0 = 20.0 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     reference = heun(gm, x0, karras(4096, 0.002, 20.0))
     errs = [float((heun(gm, x0, karras(n, 0.002, 20.0)) - reference).norm()) for n in (16, 32, 64, 128)]
-    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    ratios = [a / b for a, b in itertools.pairwise(errs)]
     print("Heun errors", errs, "ratios", ratios)
     assert all(3.0 < r < 5.5 for r in ratios[1:]), ratios
     # Euler for comparison is first order

@@ -18,6 +18,7 @@ from .process import (
     get_process,
     shift_time,
 )
+from .sampling import SampleResult, sample
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "GaussianMixture",
     "Process",
     "Recipe",
+    "SampleResult",
     "VEProcess",
     "VPCosineProcess",
     "VPDiscreteProcess",
@@ -40,6 +42,7 @@ __all__ = [
     "get_process",
     "loss_weight",
     "recipe",
+    "sample",
     "sample_sigma",
     "shift_time",
 ]
