@@ -1,0 +1,24 @@
+"""Backbones. Every model is called as ``net(x, c_noise, cond)`` and wrapped by :class:`sdeflow.Denoiser`."""
+
+from typing import Any
+
+from torch import nn
+
+from .dit import DiT
+from .layers import attention, attention_reference
+from .mlp import MLP
+from .unet import UNet
+
+__all__ = ["MLP", "DiT", "UNet", "attention", "attention_reference", "build_model"]
+
+
+def build_model(kind: str, **kwargs: Any) -> nn.Module:
+    """Build a backbone by kind: ``mlp``, ``unet`` (``preset=`` optional) or ``dit`` (``preset=`` optional)."""
+    preset = kwargs.pop("preset", None)
+    if kind == "mlp":
+        return MLP(**kwargs)
+    if kind == "unet":
+        return UNet.preset(preset, **kwargs) if preset else UNet(**kwargs)
+    if kind == "dit":
+        return DiT.preset(preset, **kwargs) if preset else DiT(**kwargs)
+    raise ValueError(f"unknown model kind '{kind}'; choose 'mlp', 'unet' or 'dit'")

@@ -1,0 +1,119 @@
+"""Building blocks shared by the backbones: noise/label embeddings and attention.
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention``, so PyTorch dispatches to
+FlashAttention or memory-efficient kernels on a GPU; :func:`attention_reference` is the plain softmax
+formula softmax(QKᵀ/√d)V (Vaswani et al. 2017) used to check it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FourierEmbedding",
+    "LabelEmbedding",
+    "NoiseEmbedding",
+    "PositionalEmbedding",
+    "RMSNorm",
+    "attention",
+    "attention_reference",
+]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Multi-head attention on (B, heads, L, d) tensors through PyTorch's fused SDPA kernels."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(Q Kᵀ / √d) V, computed plainly (for tests)."""
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of a scalar (DDPM++, ADM, DiT): [cos(c·f_i), sin(c·f_i)],
+    f_i = (1/max_positions)^{i/(n/2)} (``endpoint`` divides by n/2 − 1, as EDM's DDPM++)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False, scale: float = 1.0):
+        super().__init__()
+        half = num_channels // 2
+        denom = half - (1 if endpoint else 0)
+        freqs = (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) / max(denom, 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.scale = scale
+
+    def forward(self, c: Tensor) -> Tensor:
+        x = (self.scale * c.float())[:, None] * self.freqs[None]
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features (NCSN++, Tancik et al. 2020): [cos(2π c f), sin(2π c f)], f ~ N(0, scale²)."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, c: Tensor) -> Tensor:
+        x = c.float()[:, None] * (2 * math.pi * self.freqs[None])
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class NoiseEmbedding(nn.Module):
+    """c_noise → embedding: sinusoidal (``positional``) or ``fourier`` features, then a 2-layer SiLU MLP."""
+
+    def __init__(self, channels: int, emb_channels: int, kind: str = "positional", scale: float = 1.0):
+        super().__init__()
+        if kind == "positional":
+            self.features: nn.Module = PositionalEmbedding(channels, endpoint=True, scale=scale)
+        elif kind == "fourier":
+            self.features = FourierEmbedding(channels, scale=16.0 * scale)
+        else:
+            raise ValueError(f"unknown noise embedding '{kind}'; choose 'positional' or 'fourier'")
+        self.mlp = nn.Sequential(nn.Linear(channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        return self.mlp(self.features(c_noise))
+
+
+class LabelEmbedding(nn.Module):
+    """Class-label embedding with an extra learned *null* label (index ``num_classes``) used when the label
+    is missing or equals -1 (classifier-free guidance, Ho & Salimans 2022)."""
+
+    def __init__(self, num_classes: int, emb_channels: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, emb_channels)
+
+    def forward(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if labels is None:
+            labels = torch.full((batch,), -1, device=device, dtype=torch.long)
+        labels = labels.long()
+        if labels.shape != (batch,):
+            raise ValueError(f"class labels must have shape ({batch},), got {tuple(labels.shape)}")
+        # validated on CPU only: on a GPU the check would sync the host every step (an out-of-range index still
+        # trips the embedding's device-side assert there)
+        if (
+            not torch.compiler.is_compiling()
+            and labels.device.type == "cpu"
+            and bool(((labels < -1) | (labels >= self.num_classes)).any())
+        ):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}) or be -1 (null)")
+        return self.table(torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels))
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned gain (Zhang & Sennrich 2019); SD3's QK-norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
