@@ -35,8 +35,10 @@ def test_dit_preset_shapes(name):
     assert out.shape == (2, 4, 32, 32)
 
 
-@pytest.mark.parametrize("name, res, ch", [("ddpmpp_cifar10", 32, 3), ("adm_cifar10", 32, 3), ("small", 8, 1),
-                                           ("small", 28, 1), ("small_attn", 32, 3)])
+@pytest.mark.parametrize(
+    "name, res, ch",
+    [("ddpmpp_cifar10", 32, 3), ("adm_cifar10", 32, 3), ("small", 8, 1), ("small", 28, 1), ("small_attn", 32, 3)],
+)
 def test_unet_preset_shapes(name, res, ch):
     m = UNet.preset(name, img_resolution=res, in_channels=ch, num_classes=10)
     out = m(torch.randn(2, ch, res, res), torch.randn(2), torch.tensor([3, -1]))
@@ -47,8 +49,9 @@ def _tiny_models():
     return {
         "mlp": MLP(dim=2, width=32, depth=2, emb_channels=16, num_classes=3),
         "unet": UNet.preset("small_attn", img_resolution=8, in_channels=1, num_classes=3, model_channels=16),
-        "dit": DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3,
-                   qk_norm=True),
+        "dit": DiT(
+            input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=3, qk_norm=True
+        ),
     }
 
 
@@ -78,8 +81,9 @@ def test_conditioning_changes_output_and_null_label_is_honoured(kind):
     assert (y0 - y1).abs().max() > 1e-4
     torch.testing.assert_close(m(x, c, None), m(x, c, torch.full((4,), -1)))
     assert (m(x, c, None) - y0).abs().max() > 1e-4
-    assert (m(x, c, torch.zeros(4, dtype=torch.long)) - m(x, torch.full((4,), 0.9), torch.zeros(4, dtype=torch.long))
-            ).abs().max() > 1e-4  # the noise level matters too
+    assert (
+        m(x, c, torch.zeros(4, dtype=torch.long)) - m(x, torch.full((4,), 0.9), torch.zeros(4, dtype=torch.long))
+    ).abs().max() > 1e-4  # the noise level matters too
     with pytest.raises(ValueError, match="class labels must lie"):
         m(x, c, torch.full((4,), 3))
 

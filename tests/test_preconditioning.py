@@ -79,7 +79,7 @@ class OracleNet(nn.Module):
 @pytest.mark.parametrize("proc", [VPLinearProcess(), FlowProcess(), VEProcess()], ids=lambda p: p.name)
 def test_denoiser_wrapper_reconstructs_the_oracle(param, proc, gen):
     gm = GaussianMixture.random(4, 3, std=0.2, seed=1)
-    den = Denoiser(OracleNet(gm, proc, param), proc, param, sigma_data=0.5)
+    den = Denoiser(OracleNet(gm, proc, param), proc, param, sigma_data=0.5, time_scale=1.0)
     sigma = torch.tensor([0.05, 0.5, 3.0, 20.0], dtype=torch.float64).clamp(max=proc.sigma_max * 0.99)
     x = gm.sample(4, gen)[0] + sigma[:, None] * torch.randn(4, 3, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(den(x, sigma), gm.denoise(x, sigma), rtol=1e-9, atol=1e-9)

@@ -65,19 +65,24 @@ def sample_sigma(
     - ``logit_normal``: t = sigmoid(N(m, s²)) (SD3, Esser et al. 2024, eq. 19), then SD3's shift;
     - ``log_uniform``: ln σ ~ U(ln σ_min, ln σ_max) (SMLD/NCSN's geometric noise levels).
     """
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=gdev)
+
+    def randn() -> Tensor:
+        return torch.randn(n, generator=generator, dtype=torch.float64, device=gdev)
+
     if scheme == "uniform_t":
         t = process.t_min + (process.t_max - process.t_min) * u
         sigma = process.sigma(t)
     elif scheme == "discrete":
         if not isinstance(process, VPDiscreteProcess):
             raise ValueError("sigma sampling 'discrete' needs a discrete process (vp_discrete)")
-        t = torch.randint(0, process.num_steps, (n,), generator=generator).double()
+        t = torch.randint(0, process.num_steps, (n,), generator=generator, device=gdev).double()
         sigma = process.sigma(t)
     elif scheme == "lognormal":
-        sigma = torch.exp(p_mean + p_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        sigma = torch.exp(p_mean + p_std * randn())
     elif scheme == "logit_normal":
-        t = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        t = torch.sigmoid(logit_mean + logit_std * randn())
         if isinstance(process, FlowProcess):
             t = shift_time(t, process.shift)
         sigma = process.sigma(t.clamp(process.t_min, process.t_max))

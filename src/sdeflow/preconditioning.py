@@ -136,8 +136,10 @@ class Denoiser(nn.Module):
         process: the forward process the network was trained with (gives s(t), t(σ)).
         parameterization: one of :data:`PARAMETERIZATIONS`.
         sigma_data: σ_data of EDM's preconditioning.
-        time_scale: multiplies the process time fed to the network (e.g. 1000 for SD3-style nets).
-        check_range: refuse σ outside the process's range (the network never saw it).
+        time_scale: multiplies the process time fed to the network; default 1000 for processes on t ∈ [0, 1]
+            (as score-SDE and SD3 networks), 1 otherwise (DDPM's integer steps).
+        check_range: refuse σ outside the process's range (the network never saw it). Checked for CPU tensors
+            only: on a GPU the check would synchronise the host at every evaluation.
     """
 
     def __init__(
@@ -146,13 +148,15 @@ class Denoiser(nn.Module):
         process: Process,
         parameterization: str = "edm",
         sigma_data: float = 0.5,
-        time_scale: float = 1.0,
+        time_scale: float | None = None,
         check_range: bool = True,
     ):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization '{parameterization}'; choose one of {PARAMETERIZATIONS}")
         self.net, self.process, self.parameterization = net, process, parameterization
+        if time_scale is None:  # networks see 1000·t for processes on t ∈ [0, 1] (score SDE, SD3), else t
+            time_scale = 1000.0 if process.t_max <= 1.0 else 1.0
         self.sigma_data, self.time_scale, self.check_range = sigma_data, time_scale, check_range
 
     def coefficients(self, sigma: Tensor) -> Coefficients:
@@ -164,7 +168,7 @@ class Denoiser(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        if self.check_range and self.parameterization != "edm":
+        if self.check_range and self.parameterization != "edm" and sigma.device.type == "cpu":
             self.process.check_sigma(sigma)
         c = self.coefficients(sigma)
         f = self.net(pad_dims(c.c_in, x) * x, c.c_noise.to(x.dtype), cond)

