@@ -204,7 +204,7 @@ def _recipes() -> dict[str, Recipe]:
     }
 
 
-RECIPES = tuple(_recipes())
+RECIPES = ("ddpm", "ncsn", "vp", "ve", "edm", "rectified_flow", "sd3")
 
 
 def recipe(name: str, **overrides: Any) -> Recipe:

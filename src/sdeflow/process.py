@@ -145,7 +145,7 @@ class Process(ABC):
 # ------------------------------------------------------------------------------------------------
 def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear β schedule (Ho et al. 2020, §4), float64."""
-    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
 
 
 def cosine_betas(num_steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -154,7 +154,7 @@ def cosine_betas(num_steps: int = 1000, offset: float = 0.008, max_beta: float =
     def f(i: Tensor) -> Tensor:
         return torch.cos((i / num_steps + offset) / (1 + offset) * math.pi / 2) ** 2
 
-    i = torch.arange(num_steps, dtype=torch.float64)
+    i = torch.arange(num_steps, dtype=torch.float64, device="cpu")
     return torch.clamp(1 - f(i + 1) / f(i), max=max_beta)
 
 
@@ -175,7 +175,7 @@ class VPDiscreteProcess(Process):
                 betas = cosine_betas(num_steps)
             else:
                 raise ValueError(f"unknown beta schedule '{schedule}' (expected 'linear' or 'cosine')")
-        betas = torch.as_tensor(betas, dtype=torch.float64)
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D sequence with 0 < β < 1")
         self.betas = betas
