@@ -17,7 +17,7 @@ from torch import Tensor
 from .mixture import NULL_LABEL
 from .preconditioning import DenoiserFn, pad_dims
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance"]
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "train_noisy_classifier"]
 
 
 class ClassifierFreeGuidance:
@@ -73,3 +73,37 @@ class ClassifierGuidance:
             logp = self.classifier(xg, sigma).gather(1, cond.long().reshape(-1, 1).to(x.device)).sum()
             (grad,) = torch.autograd.grad(logp, xg)
         return d + self.scale * pad_dims(sigma, x) ** 2 * grad.to(d.dtype)
+
+
+def train_noisy_classifier(
+    x: Tensor,
+    y: Tensor,
+    steps: int = 1000,
+    batch: int = 256,
+    lr: float = 1e-3,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **classifier_kwargs,
+):
+    """Train a :class:`~sdeflow.models.classifier.NoisyClassifier` on noisy data x̃ = x0 + σ ε with
+    ln σ ~ U(ln σ_min, ln σ_max) (every noise level a sampler visits), by cross-entropy on the labels."""
+    import math
+
+    from .models.classifier import NoisyClassifier
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    clf = NoisyClassifier(tuple(x.shape[1:]), int(y.max()) + 1, **classifier_kwargs).to(device)
+    opt = torch.optim.AdamW(clf.parameters(), lr=lr)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=g))
+        xb = x[idx] + pad_dims(sigma, x[idx]) * torch.randn(x[idx].shape, generator=g)
+        loss = torch.nn.functional.cross_entropy(clf(xb.to(device), sigma.to(device)), y[idx].to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf.eval()
