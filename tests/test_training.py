@@ -250,26 +250,13 @@ def test_every_shipped_config_trains_two_steps(path, tmp_path):
 def test_cli_train_sample_and_class_flag(tmp_path, capsys):
     cfgp = tmp_path / "c.yaml"
     cfgp.write_text((ROOT / "configs" / "digits_edm.yaml").read_text())
-    rc = cli_main(
-        [
-            "train",
-            str(cfgp),
-            "--out",
-            str(tmp_path / "r"),
-            "--quiet",
-            "--set",
-            "train.steps=3",
-            "--set",
-            "train.batch_size=8",
-            "--set",
-            "sample.n=4",
-            "--set",
-            "sample.steps=2",
-            "--set",
-            "train.tensorboard=false",
-        ]
-    )
-    assert rc == 0
+
+    def train(steps, *extra):
+        sets = [f"train.steps={steps}", "train.batch_size=8", "sample.n=4", "sample.steps=2", "train.tensorboard=false"]
+        args = ["train", str(cfgp), "--out", str(tmp_path / "r"), "--quiet", *extra]
+        return cli_main(args + [a for kv in sets for a in ("--set", kv)])
+
+    assert train(3) == 0
     ck = find_latest(tmp_path / "r" / "checkpoints")
     out = tmp_path / "s"
     assert (
@@ -301,30 +288,7 @@ def test_cli_train_sample_and_class_flag(tmp_path, capsys):
 
     z = np.load(out / "samples.npz")
     assert z["x"].shape == (6, 1, 8, 8) and (z["y"] == 3).all() and (out / "samples.png").is_file()
-    # resume from the command line continues where it stopped
-    assert (
-        cli_main(
-            [
-                "train",
-                str(cfgp),
-                "--out",
-                str(tmp_path / "r"),
-                "--quiet",
-                "--resume",
-                "--set",
-                "train.steps=5",
-                "--set",
-                "train.batch_size=8",
-                "--set",
-                "sample.n=4",
-                "--set",
-                "sample.steps=2",
-                "--set",
-                "train.tensorboard=false",
-            ]
-        )
-        == 0
-    )
+    assert train(5, "--resume") == 0  # resume from the command line continues where it stopped
     assert find_latest(tmp_path / "r" / "checkpoints").name == "step_00000005"
     assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
 

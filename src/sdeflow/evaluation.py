@@ -130,26 +130,11 @@ def train_classifier(
 def digits_demo_metrics(trainer: Any, n_per_class: int = 100) -> dict[str, float]:
     """For the demo: class-conditional samples → accuracy of a classifier trained on the real digits (is the
     requested digit drawn?) and the classifier-feature Fréchet distance to the real digits."""
-    from .sampling import sample
-
     ds = trainer.dataset
     clf = train_classifier(ds.x, ds.y)
     real_acc = float((clf.batched(ds.x, "forward").argmax(1) == ds.y).float().mean())
-    num_classes = trainer.num_classes or 0
-    n = n_per_class * max(1, num_classes)
-    labels = (torch.arange(n) % num_classes).to(trainer.device) if num_classes else None
-    s = trainer.cfg.sample
-    res = sample(
-        trainer.ema_denoiser(),
-        (n, *trainer.data_shape),
-        trainer.recipe.process,
-        s.sampler,
-        s.steps,
-        s.schedule,
-        cond=labels,
-        seed=trainer.cfg.seed + 1,
-        device=trainer.device,
-    )
+    n = n_per_class * max(1, trainer.num_classes or 0)
+    res, labels = trainer.sample_ema(n, seed=trainer.cfg.seed + 1)
     x = res.samples.float().cpu().clamp(-1, 1)
     fd = frechet_distance(FeatureStats.of(clf.batched(x)), FeatureStats.of(clf.batched(ds.x)))
     out = {"classifier_accuracy_on_real": real_acc, "fd_classifier_features": fd, "sample_nfe": res.nfe, "n_samples": n}

@@ -131,12 +131,6 @@ def euler(model, x, sigmas, cond=None, *, generator=None, callback=None) -> Tens
 
 
 @torch.no_grad()
-def heun(model, x, sigmas, cond=None, *, generator=None, callback=None) -> Tensor:
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1). NFE = 2N − 1 (Euler into σ=0)."""
-    return edm_stochastic(model, x, sigmas, cond, generator=generator, callback=callback, s_churn=0.0)
-
-
-@torch.no_grad()
 def edm_stochastic(
     model,
     x,
@@ -337,16 +331,6 @@ def annealed_langevin(
 # DPM-Solver++ and UniPC (exponential integrators in λ = −ln σ, data prediction)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def dpmpp_2m(model, x, sigmas, cond=None, *, generator=None, callback=None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), first order at the first and last step. NFE = N.
-
-    With h = λ_{i+1} − λ_i and r = h_{i−1}/h:  x̃_{i+1} = (σ_{i+1}/σ_i) x̃ − (e^{−h} − 1) D̂,
-    D̂ = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1}.
-    """
-    return dpmpp_2m_sde(model, x, sigmas, cond, generator=generator, callback=callback, eta=0.0)
-
-
-@torch.no_grad()
 def dpmpp_2m_sde(
     model, x, sigmas, cond=None, *, generator=None, callback=None, eta: float = 1.0, s_noise: float = 1.0
 ) -> Tensor:
@@ -371,12 +355,6 @@ def dpmpp_2m_sde(
             h_last = h
         old = denoised
     return x
-
-
-@torch.no_grad()
-def dpmpp_3m(model, x, sigmas, cond=None, *, generator=None, callback=None) -> Tensor:
-    """DPM-Solver++(3M): the deterministic (η = 0) third-order multistep solver. NFE = N."""
-    return dpmpp_3m_sde(model, x, sigmas, cond, generator=generator, callback=callback, eta=0.0)
 
 
 @torch.no_grad()
@@ -492,6 +470,42 @@ def unipc(
         prev_order = cur
     return x
 
+
+def _preset(base: Callable[..., Tensor], name: str, doc: str, **fixed: Any) -> Callable[..., Tensor]:
+    """A named sampler that is ``base`` with some options fixed."""
+
+    @torch.no_grad()
+    def sampler(model, x, sigmas, cond=None, *, generator=None, callback=None) -> Tensor:
+        return base(model, x, sigmas, cond, generator=generator, callback=callback, **fixed)
+
+    sampler.__name__ = sampler.__qualname__ = name
+    sampler.__doc__ = doc
+    return sampler
+
+
+heun = _preset(
+    edm_stochastic,
+    "heun",
+    "EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1): "
+    "edm_stochastic with S_churn = 0. NFE = 2N − 1 (Euler into σ = 0).",
+    s_churn=0.0,
+)
+dpmpp_2m = _preset(
+    dpmpp_2m_sde,
+    "dpmpp_2m",
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), first order at the first and
+last step: dpmpp_2m_sde with η = 0. NFE = N.
+
+With h = λ_{i+1} − λ_i and r = h_{i−1}/h:  x̃_{i+1} = (σ_{i+1}/σ_i) x̃ − (e^{−h} − 1) D̂,
+D̂ = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1}.""",
+    eta=0.0,
+)
+dpmpp_3m = _preset(
+    dpmpp_3m_sde,
+    "dpmpp_3m",
+    "DPM-Solver++(3M): the deterministic (η = 0) third-order multistep solver. NFE = N.",
+    eta=0.0,
+)
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,

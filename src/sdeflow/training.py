@@ -307,13 +307,10 @@ class Trainer:
         return build_denoiser((self.ema.model if self.ema else self.net).eval(), self.recipe, self.cfg.diffusion)
 
     @torch.no_grad()
-    def sample_figure(self, path: Path, n: int | None = None) -> Path:
-        """Samples from the EMA model with the configured sampler: a PNG grid (images) or scatter (2-D)."""
+    def sample_ema(self, n: int, seed: int | None = None):
+        """n samples from the EMA model with the configured sampler; conditional models cycle through classes."""
         s = self.cfg.sample
-        n = n or s.n
-        labels = None
-        if self.num_classes:
-            labels = torch.arange(n, device=self.device) % self.num_classes
+        labels = torch.arange(n, device=self.device) % self.num_classes if self.num_classes else None
         res = sample(
             self.ema_denoiser(),
             (n, *self.data_shape),
@@ -322,15 +319,20 @@ class Trainer:
             s.steps,
             s.schedule,
             cond=labels,
-            seed=self.cfg.seed,
+            seed=self.cfg.seed if seed is None else seed,
             device=self.device,
         )
+        self.net.train()
+        return res, labels
+
+    def sample_figure(self, path: Path, n: int | None = None) -> Path:
+        """A PNG grid (images) or scatter plot (2-D) of EMA samples."""
+        res, _ = self.sample_ema(n or self.cfg.sample.n)
         path.parent.mkdir(parents=True, exist_ok=True)
         if len(self.data_shape) == 3:
             save_image_grid(res.samples, path, nrow=self.num_classes or None, upscale=max(1, 64 // self.data_shape[-1]))
         else:
             _scatter(res.samples, path, getattr(self.dataset, "x", None))
-        self.net.train()
         return path
 
     def fit(self) -> dict[str, Any]:
