@@ -184,12 +184,20 @@ class VPDiscreteProcess(Process):
         self.log_sigmas = torch.log(self.sigmas)
         self.num_steps = len(betas)
         self.t_min, self.t_max = 0.0, float(self.num_steps - 1)
+        self._log_sigma_range = (float(self.log_sigmas[0]), float(self.log_sigmas[-1]))
+        self._on_device: dict[torch.device, Tensor] = {}
+
+    def _log_sigmas(self, device: torch.device) -> Tensor:
+        """The log-σ table on ``device``, copied there once (no per-call transfers or host syncs)."""
+        if device not in self._on_device:
+            self._on_device[device] = self.log_sigmas.to(device)
+        return self._on_device[device]
 
     def _interp(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t64 = t.double().clamp(self.t_min, self.t_max)
         lo = t64.floor().long().clamp(max=self.num_steps - 2)
         w = t64 - lo
-        ls = self.log_sigmas.to(t.device)
+        ls = self._log_sigmas(t.device)
         return ls[lo], ls[lo + 1], w
 
     def sigma(self, t: Tensor | float) -> Tensor:
@@ -204,8 +212,8 @@ class VPDiscreteProcess(Process):
 
     def t_of_sigma(self, sigma: Tensor | float) -> Tensor:
         sigma = _t(sigma)
-        ls = self.log_sigmas.to(sigma.device)
-        x = torch.log(sigma.double()).clamp(float(ls[0]), float(ls[-1]))
+        ls = self._log_sigmas(sigma.device)
+        x = torch.log(sigma.double()).clamp(*self._log_sigma_range)
         hi = torch.searchsorted(ls, x.contiguous()).clamp(1, self.num_steps - 1)
         lo = hi - 1
         w = (x - ls[lo]) / (ls[hi] - ls[lo])

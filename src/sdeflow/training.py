@@ -133,6 +133,9 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.dataset = build_dataset(cfg.data, cfg.seed)
         self.data_shape = tuple(self.dataset.shape)
+        if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
+            # in-memory data lives on the GPU: batches are gathered there, no per-step host-to-device copies
+            self.dataset.x, self.dataset.y = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
         self.num_classes = cfg.model.num_classes
         if self.num_classes and getattr(self.dataset, "num_classes", 0) == 0:
             raise ConfigError(f"model.num_classes = {self.num_classes} but dataset '{cfg.data.name}' has no labels")
@@ -221,6 +224,7 @@ class Trainer:
         idx = self._indices((step * self.cfg.train.grad_accum + micro) * self.micro, self.micro)[lo:hi]
         ds = self.dataset
         if hasattr(ds, "x") and hasattr(ds, "y"):
+            idx = idx.to(ds.x.device)
             x0, y = ds.x[idx], ds.y[idx]
         else:
             items = [ds[int(i)] for i in idx]
