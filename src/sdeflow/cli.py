@@ -21,8 +21,15 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.out:
         cfg.out_dir = args.out
-    summary = Trainer(cfg, resume=args.resume if args.resume else False, progress=not args.quiet).fit()
-    print(json.dumps(summary, indent=1))
+    trainer = Trainer(cfg, resume=args.resume if args.resume else False, progress=not args.quiet)
+    summary = trainer.fit()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: wait for every rank, then leave cleanly
+        dist.barrier()
+        dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(json.dumps(summary, indent=1))
     return 0
 
 
