@@ -69,6 +69,7 @@ def test_vp_is_variance_preserving(proc):
     t = _times(proc)
     torch.testing.assert_close(proc.s(t) ** 2 * (1 + proc.sigma(t) ** 2), torch.ones_like(t))
     assert proc.prior_std() == pytest.approx(math.sqrt(1 + proc.sigma_max**2))
+    assert proc.prior_std(2.0) == pytest.approx(math.sqrt(5.0))  # a sampler started below σ_max
 
 
 def test_closed_forms():
@@ -84,7 +85,7 @@ def test_closed_forms():
     assert float(shift_time(0.5, 3.0)) == pytest.approx(0.75)
     assert float(shift_time(0.3, 1.0)) == pytest.approx(0.3)
     edm = EDMProcess()
-    assert edm.sigma_max == 80.0 and edm.prior_std() == 80.0
+    assert edm.sigma_max == 80.0 and edm.prior_std() == 80.0 and edm.prior_std(3.0) == 3.0
 
 
 # alphas_cumprod of diffusers 0.42.1 DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4,

@@ -162,3 +162,22 @@ def test_bad_input():
     with pytest.raises(ValueError, match="needs a discrete process"):
         sample(GM, (4, 2), EDMProcess(), "ddim", schedule="leading")
     assert math.isfinite(NOISE_FLOOR)
+
+
+def test_initial_noise_matches_the_prior_at_the_first_grid_point():
+    """Started below σ_max, a VP sampler's x̃ has std √(1 + σ₀²) (x_t ~ N(0, I)); an EDM one std σ₀."""
+    from sdeflow import VPLinearProcess
+
+    for proc, sigma0, expected in ((VPLinearProcess(), 2.0, math.sqrt(5.0)), (EDMProcess(), 3.0, 3.0)):
+        seen = {}
+        sigmas = torch.tensor([sigma0, 1.0, 0.0], dtype=torch.float64)
+        sample(
+            GM,
+            (20000, 2),
+            proc,
+            "euler",
+            sigmas=sigmas,
+            seed=0,
+            callback=lambda i, s, x, d, seen=seen: seen.setdefault(i, x.std().item()),
+        )
+        assert seen[0] == pytest.approx(expected, rel=0.02)

@@ -108,16 +108,19 @@ class Process(ABC):
     def sigma_max(self) -> float:
         return float(self.sigma(self.t_max))
 
-    def prior_std(self) -> float:
-        """Std of the prior on the *unscaled* x̃ at t_max (what samplers start from).
+    def prior_std(self, sigma: float | None = None) -> float:
+        """Std of the prior on the *unscaled* x̃ at noise level σ (default σ_max): what samplers start from.
 
-        VP: x_T ~ N(0, I), so x̃_T = x_T / s has std √(1+σ_max²). VE and EDM: σ_max.
+        VP: x_t ~ N(0, I) for unit-variance data, so x̃ = x_t / s has std √(1+σ²). VE, EDM, flow: σ.
         """
-        return float(1.0 / self.s(self.t_max))
+        sigma = self.sigma_max if sigma is None else sigma
+        return math.sqrt(1 + sigma**2)
 
-    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None, **kw: Any) -> Tensor:
-        """x̃_T ~ N(0, prior_std² I), in σ-space."""
-        return torch.randn(shape, generator=generator, **kw) * self.prior_std()
+    def sample_prior(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None, sigma: float | None = None, **kw: Any
+    ) -> Tensor:
+        """x̃ ~ N(0, prior_std(σ)² I) in σ-space, at σ_max unless given."""
+        return torch.randn(shape, generator=generator, **kw) * self.prior_std(sigma)
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = s(t)(x0 + σ(t) ε), t broadcast over the leading batch dimension."""
@@ -288,8 +291,8 @@ class _UnitScale:
     def ds_dt(self, t: Tensor | float) -> Tensor:
         return torch.zeros_like(_t(t))
 
-    def prior_std(self) -> float:
-        return self.sigma_max  # type: ignore[attr-defined]
+    def prior_std(self, sigma: float | None = None) -> float:
+        return self.sigma_max if sigma is None else sigma  # type: ignore[attr-defined]
 
 
 class VEProcess(_UnitScale, Process):
@@ -370,8 +373,9 @@ class FlowProcess(Process):
     def noise_std(self, t: Tensor | float) -> Tensor:
         return _t(t).clone()
 
-    def prior_std(self) -> float:
-        return self.sigma_max  # x_1 = ε ⇒ x̃ = ε / (1 − t_max) ≈ σ_max ε
+    def prior_std(self, sigma: float | None = None) -> float:
+        # x_t ≈ t ε near t = 1 ⇒ x̃ = x_t / (1 − t) ≈ σ ε
+        return self.sigma_max if sigma is None else sigma
 
 
 _PROCESSES: dict[str, type[Process]] = {

@@ -88,7 +88,7 @@ def sample(
         generator.manual_seed(seed if seed is not None else torch.seed())
     if x_init is None:
         x_init = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-        x_init = x_init * (process.prior_std() * float(sigmas[0]) / process.sigma_max)
+        x_init = x_init * process.prior_std(float(sigmas[0]))
     elif tuple(x_init.shape) != tuple(shape):
         raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(shape)}")
     if sampler in PROCESS_SAMPLERS:
