@@ -155,3 +155,22 @@ def test_build_model_and_errors():
         UNet.preset("big")
     with pytest.raises(ValueError, match="UNet expects"):
         UNet.preset("small", img_resolution=8, in_channels=1)(torch.randn(2, 3, 8, 8), torch.randn(2))
+
+
+def test_attention_backend_preference_is_reversible():
+    from sdeflow.models.layers import set_attention_backend
+
+    before = list(torch._C._get_sdp_priority_order())
+    try:
+        assert set_attention_backend("cudnn") == "cudnn"
+        from torch.nn.attention import SDPBackend
+
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        q = torch.randn(2, 3, 16, 8)
+        # on the CPU the preference falls back to the usual kernels: same result
+        torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=1e-5, atol=1e-5)
+    finally:
+        assert set_attention_backend("default") == "default"
+    assert list(torch._C._get_sdp_priority_order()) == before
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        set_attention_backend("fast")

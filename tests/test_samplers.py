@@ -181,3 +181,27 @@ def test_initial_noise_matches_the_prior_at_the_first_grid_point():
             callback=lambda i, s, x, d, seen=seen: seen.setdefault(i, x.std().item()),
         )
         assert seen[0] == pytest.approx(expected, rel=0.02)
+
+
+def test_accelerated_denoiser_on_cpu():
+    """bf16 autocast changes D only by bf16 rounding; compile keeps it exactly; bad options are refused."""
+    from sdeflow import Denoiser, accelerate_denoiser
+    from sdeflow.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet.preset("small", img_resolution=8, in_channels=1, model_channels=16).eval()
+    for p in net.parameters():  # the zero-initialised output layer would make D trivially exact
+        torch.nn.init.normal_(p, std=0.05)
+    den = Denoiser(net, EDMProcess())
+    x, s = torch.randn(4, 1, 8, 8), torch.full((4,), 2.0)
+    ref = den(x, s)
+    fast = accelerate_denoiser(den, "bf16")
+    out = fast(x, s)
+    assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
+    r = sample(fast, (4, 1, 8, 8), EDMProcess(), "dpmpp_2m", steps=3, seed=0)
+    assert torch.isfinite(r.samples).all() and r.nfe == 3
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        accelerate_denoiser(den, "int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            accelerate_denoiser(den, cuda_graphs=True)

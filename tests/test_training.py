@@ -208,6 +208,26 @@ def test_config_errors_name_the_key(tmp_path):
         Trainer(_cfg(tmp_path, "data.name=cifar11"), progress=False)
     with pytest.raises(ValueError, match="data.path is required"):
         Trainer(_cfg(tmp_path, "data.name=cifar10"), progress=False)
+    with pytest.raises(ConfigError, match="train.attention_backend"):
+        Trainer(_cfg(tmp_path, "train.attention_backend=fastest"), progress=False)
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        Trainer(_cfg(tmp_path, "train.compile_mode=turbo"), progress=False)
+
+
+def test_channels_last_training_matches_and_checkpoints(tmp_path):
+    """NHWC weights and activations train to the same losses (to float rounding), save and resume."""
+    a = Trainer(_cfg(tmp_path, "train.steps=4", name="a"), progress=False)
+    a.fit()
+    b = Trainer(_cfg(tmp_path, "train.steps=4", "train.channels_last=true", name="b"), progress=False)
+    conv = next(m for m in b.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x0 = b._batch(0, 0)[0]
+    assert x0.is_contiguous(memory_format=torch.channels_last)
+    b.fit()
+    torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-4, atol=1e-6)
+    c = Trainer(_cfg(tmp_path, "train.steps=4", "train.channels_last=true", name="b"), resume=True, progress=False)
+    assert c.step == 4
+    assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
 
 
 def _fake_cifar(root: Path) -> Path:
@@ -289,6 +309,12 @@ def test_cli_train_sample_and_class_flag(tmp_path, capsys):
 
     z = np.load(out / "samples.npz")
     assert z["x"].shape == (6, 1, 8, 8) and (z["y"] == 3).all() and (out / "samples.png").is_file()
+    # bf16 network: the same samples up to bf16 rounding
+    args = ["sample", str(ck), "--sampler", "euler", "--steps", "3", "--n", "4", "--seed", "1"]
+    assert cli_main([*args, "--out", str(tmp_path / "f32")]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "b16"), "--precision", "bf16"]) == 0
+    f32, b16 = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("f32", "b16"))
+    assert 0 < np.abs(f32 - b16).max() < 0.1
     assert train(5, "--resume") == 0  # resume from the command line continues where it stopped
     assert find_latest(tmp_path / "r" / "checkpoints").name == "step_00000005"
     assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2

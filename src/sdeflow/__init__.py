@@ -18,13 +18,14 @@ from .process import (
     get_process,
     shift_time,
 )
-from .sampling import SampleResult, sample
+from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NULL_LABEL",
     "PARAMETERIZATIONS",
+    "CUDAGraphDenoiser",
     "Denoiser",
     "EDMProcess",
     "FlowProcess",
@@ -36,6 +37,7 @@ __all__ = [
     "VPCosineProcess",
     "VPDiscreteProcess",
     "VPLinearProcess",
+    "accelerate_denoiser",
     "coefficients",
     "convert",
     "denoising_loss",

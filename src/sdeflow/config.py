@@ -89,6 +89,10 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    channels_last: bool = False  # NHWC activations for convolutional networks on the GPU
+    fused_optimizer: bool = True  # one fused kernel for the optimizer step on the GPU (Adam, AdamW, SGD)
+    attention_backend: str = "auto"  # auto (cuDNN on Hopper) | default | cudnn | flash | efficient | math
     label_dropout: float = 0.0
     num_workers: int = 0
     device: str = "auto"

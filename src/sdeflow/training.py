@@ -30,6 +30,7 @@ from .data import build_dataset, save_image_grid
 from .ema import EMA
 from .losses import Recipe, denoising_loss, recipe
 from .models import build_model
+from .models.layers import ATTENTION_BACKENDS, set_attention_backend
 from .preconditioning import Denoiser
 from .process import get_process
 from .sampling import sample
@@ -105,6 +106,13 @@ class Trainer:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if t.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
+        if t.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"train.attention_backend must be one of {ATTENTION_BACKENDS}, got '{t.attention_backend}'"
+            )
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if t.compile_mode not in modes:
+            raise ConfigError(f"train.compile_mode must be one of {modes}, got '{t.compile_mode}'")
         if t.lr_schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.lr_schedule must be constant, cosine or linear, got '{t.lr_schedule}'")
         if not 0 <= t.label_dropout < 1:
@@ -119,6 +127,8 @@ class Trainer:
             self.device = torch.device(t.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+            set_attention_backend(t.attention_backend, self.device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if t.batch_size % (t.grad_accum * self.world):
@@ -142,6 +152,9 @@ class Trainer:
         self.recipe = build_recipe(cfg.diffusion)
         torch.manual_seed(cfg.seed)
         self.net = build_network(cfg.model, self.data_shape).to(self.device)
+        self.channels_last = t.channels_last and len(self.data_shape) == 3
+        if self.channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, t.ema.kind, t.ema.decay, t.ema.std, t.ema.start_step) if t.ema.kind != "none" else None
         fwd: nn.Module = self.net
         if self.world > 1:
@@ -149,7 +162,7 @@ class Trainer:
 
             fwd = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
-            fwd = torch.compile(fwd)
+            fwd = torch.compile(fwd, mode=None if t.compile_mode == "default" else t.compile_mode)
         self.ddp_module = fwd
         self.denoiser = build_denoiser(fwd, self.recipe, cfg.diffusion, check_range=False)
         self.opt = self._optimizer()
@@ -172,6 +185,8 @@ class Trainer:
         kw: dict[str, Any] = {"lr": t.lr, "weight_decay": t.weight_decay}
         if "betas" in cls.__init__.__code__.co_varnames:
             kw["betas"] = tuple(t.betas)
+        if t.fused_optimizer and self.device.type == "cuda" and "fused" in cls.__init__.__code__.co_varnames:
+            kw["fused"] = True  # the whole update in one kernel instead of a few per parameter group
         return cls(self.net.parameters(), **kw)
 
     def _lr_factor(self, step: int) -> float:
@@ -237,6 +252,8 @@ class Trainer:
         x0 = x0.to(self.device, non_blocking=True)
         if getattr(ds, "horizontal_flip", False) and x0.ndim == 4:
             x0 = torch.where((u[1] < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        if self.channels_last and x0.ndim == 4:
+            x0, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x0, noise))
         labels = None
         if self.num_classes:
             labels = y.to(self.device)

