@@ -502,7 +502,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--append", action="store_true", help="keep the other parts' rows of an earlier run")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
+    ap.add_argument(
+        "--rows",
+        help="only these training rows, e.g. unet:sdeflow:fast,dit:diffusers:compile (model:library:variant with "
+        "variant in eager, compile, fast, example); default all",
+    )
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.report_only:
+        d = json.loads((Path(args.out) / "gpu_speed.json").read_text())
+        write_reports(Path(args.out), d["meta"], d["rows"])
+        return
     SMOKE = args.smoke
     dev = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
     out = Path(args.out)
@@ -524,10 +534,22 @@ def main() -> None:
     parts = args.parts.split(",")
     jfile = out / "gpu_speed.json"
     previous = json.loads(jfile.read_text()) if args.append and jfile.is_file() else {"rows": [], "meta": {}}
-    rows = [r for r in previous["rows"] if r["part"] not in parts]
-    metas = {p: meta for p in parts} | {k: v for k, v in previous.get("meta", {}).items() if k not in parts}
+    wanted = set(args.rows.split(",")) if args.rows else None
+
+    def selected(kind: str, lib: str, variant: str) -> bool:
+        return wanted is None or f"{kind}:{lib}:{variant}" in wanted
+
+    old_meta = previous.get("meta", {})
+    rows = []
+    for r in previous["rows"]:  # earlier rows stay unless re-run; they keep the date of their run
+        r.setdefault("date", old_meta.get(r["part"], {}).get("date", "?"))
+        rows.append(r)
+    metas = old_meta | {p: meta for p in parts}
 
     def add(r: dict) -> None:
+        r["date"] = meta["date"]
+        key = (r["part"], r["library"], r["variant"])
+        rows[:] = [q for q in rows if (q["part"], q["library"], q["variant"]) != key]
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
         jfile.write_text(json.dumps({"meta": metas, "rows": rows}, indent=1))
@@ -544,16 +566,24 @@ def main() -> None:
         if part not in parts:
             continue
         npz = mnist_npz(tmp / f"mnist32x{3 if kind == 'unet' else 4}.npz", 3 if kind == "unet" else 4)
-        for variant in ("eager", "compile", "compile, fast paths"):
-            attempt(
-                part, "sdeflow", variant, lambda v=variant, k=kind, f=npz: sdeflow_train_row(k, v, f, tmp, dev, peak)
-            )
-        if kind == "unet":
+        for key, variant in (("eager", "eager"), ("compile", "compile"), ("fast", "compile, fast paths")):
+            if selected(kind, "sdeflow", key):
+                attempt(
+                    part,
+                    "sdeflow",
+                    variant,
+                    lambda v=variant, k=kind, f=npz: sdeflow_train_row(k, v, f, tmp, dev, peak),
+                )
+        if kind == "unet" and selected(kind, "diffusers", "example"):
             attempt(part, "diffusers", "example loop", lambda f=npz: diffusers_example_unet_row(f, dev, peak))
         for compiled in (False, True):
-            attempt(
-                part, "diffusers", "tuned", lambda c=compiled, k=kind, f=npz: diffusers_tuned_row(k, f, dev, peak, c)
-            )
+            if selected(kind, "diffusers", "compile" if compiled else "eager"):
+                attempt(
+                    part,
+                    "diffusers",
+                    "tuned",
+                    lambda c=compiled, k=kind, f=npz: diffusers_tuned_row(k, f, dev, peak, c),
+                )
     if "sample_unet" in parts:
         try:
             for r in sampling_rows(dev):
@@ -602,6 +632,8 @@ def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
                 )
                 continue
             ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}×" if ref else ""
+            if r.get("date", m["date"]) != m["date"]:
+                r = r | {"variant": f"{r['variant']} *(earlier run, {r['date']})*"}
             mid = f"{r['step_ms']:.1f} | {r['mfu']:.1%} | " if train else f"{r['seconds_per_batch']:.3f} | "
             lines.append(
                 f"| {r['library']} | {r['variant']} | {r['params_M']} | {r['images_per_s']:.0f} | {mid}"

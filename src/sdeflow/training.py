@@ -219,7 +219,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _indices(self, start: int, n: int) -> Tensor:
-        """Dataset indices of samples start..start+n of the infinite stream of shuffled epochs."""
+        """Dataset indices of samples start..start+n of the infinite stream of shuffled epochs.
+
+        Each epoch's permutation is drawn on the CPU (the same on every device) and, for data held on the
+        GPU, copied there once per epoch: a per-step host-to-device copy of the indices would make the host
+        wait for the GPU at every step and leave the GPU idle while the next step is launched."""
         size = len(self.dataset)
         out = []
         k = start
@@ -227,7 +231,11 @@ class Trainer:
             epoch, off = divmod(k, size)
             if self._perm_cache is None or self._perm_cache[0] != epoch:
                 g = torch.Generator().manual_seed(self.cfg.seed * 1_000_033 + epoch)
-                self._perm_cache = (epoch, torch.randperm(size, generator=g))
+                perm = torch.randperm(size, generator=g)
+                data = getattr(self.dataset, "x", None)
+                if isinstance(data, Tensor) and data.device.type == "cuda":
+                    perm = perm.pin_memory().to(data.device, non_blocking=True)
+                self._perm_cache = (epoch, perm)
             take = min(size - off, start + n - k)
             out.append(self._perm_cache[1][off : off + take])
             k += take
