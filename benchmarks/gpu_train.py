@@ -74,6 +74,22 @@ def train(name: str, steps: int, batch: int, out: Path, smoke: bool) -> tuple[di
     return summary, Path(summary["checkpoint"])
 
 
+def reused_summary(done: Path, batch: int) -> dict:
+    """The training summary of a finished run (written by Trainer.fit), completed as train() completes it."""
+    from safetensors import safe_open
+
+    from sdeflow.config import load_config
+
+    summary = json.loads(done.read_text())
+    with safe_open(str(Path(summary["checkpoint"]) / "model.safetensors"), "pt") as f:
+        params = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+    cfg = load_config(done.parent / "config.yaml")
+    summary["images_per_s"] = summary["steps"] * batch / summary["seconds"]
+    summary["params_M"] = round(params / 1e6, 2)
+    summary["config"] = f"{done.parent / 'config.yaml'} (model {cfg.model.kind} {cfg.model.preset})"
+    return summary
+
+
 def evaluate(name: str, ckpt: Path, n: int, out: Path, cache: Path, inception: str | None, dev: str) -> list[dict]:
     from sdeflow.cli import main as cli
 
@@ -176,6 +192,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "gpu_train"))
     ap.add_argument("--append", action="store_true", help="keep the other models' results of an earlier run")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="evaluate finished runs under --runs again")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     out, runs = Path(args.out), Path(args.runs)
@@ -201,7 +218,14 @@ def main() -> None:
             raise SystemExit(f"unknown model '{name}'; choose from {list(RUNS)}")
         t0 = time.time()
         batch = args.dit_batch if name.startswith("dit") else args.batch
-        summary, ckpt = train(name, args.steps, batch, runs, args.smoke)
+        done = runs / name / "summary.json"
+        if args.reuse and done.is_file():  # a finished run of an earlier call: evaluate it again
+            info = runs / name / "train_info.json"
+            summary = json.loads(info.read_text()) if info.is_file() else reused_summary(done, batch)
+            ckpt = Path(summary["checkpoint"])
+        else:
+            summary, ckpt = train(name, args.steps, batch, runs, args.smoke)
+            (runs / name / "train_info.json").write_text(json.dumps(summary))
         summary["batch"] = batch
         print(f"[{name}] trained in {time.time() - t0:.0f} s: {json.dumps(summary)}", flush=True)
         t1 = time.time()

@@ -57,7 +57,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise ValueError(f"feature statistics of different sizes: {a.mu.shape} vs {b.mu.shape}")
     diff = a.mu - b.mu
-    covmean, _ = linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)  # SciPy >= 1.16 dropped `disp`; the result is the same
     if not np.isfinite(covmean).all():
         off = np.eye(len(a.mu)) * eps
         covmean = linalg.sqrtm((a.sigma + off) @ (b.sigma + off))
