@@ -87,3 +87,20 @@ def test_flow_euler_matches_flow_match_euler(shift):
     ours = flow_euler(GM, noise / (1 - float(t[0])), sigmas, process=proc)
     print(f"flow_euler shift {shift}: relative difference {_rel(ours, x):.2e}")
     assert _rel(ours, x) < 1e-4
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_heun_matches_flow_match_heun(shift):
+    """flow_heun (what sample() runs for 'heun' on a flow) is diffusers' FlowMatchHeunDiscreteScheduler."""
+    from sdeflow.samplers import flow_heun
+
+    sch = diffusers.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sch.set_timesteps(8)
+    t = torch.unique_consecutive(sch.sigmas.double())  # flow times, first 1, last 0; Heun repeats interior ones
+    t[0] = 1 - 1e-7  # diffusers starts at t = 1 (σ = ∞); our grid needs a finite σ
+    sigmas = torch.cat([t[:-1] / (1 - t[:-1]), torch.zeros(1, dtype=torch.float64)])
+    noise = _noise()
+    x, nfe = run_diffusers_scheduler(sch, GM, noise)
+    ours = flow_heun(GM, noise / (1 - float(t[0])), sigmas, process=FlowProcess(t_max=1 - 1e-7))
+    print(f"flow_heun shift {shift}: relative difference {_rel(ours, x):.2e}")
+    assert nfe == 15 and _rel(ours, x) < 1e-5

@@ -165,7 +165,9 @@ def sample(
         model: a :class:`~sdeflow.Denoiser`, a :class:`~sdeflow.GaussianMixture`, or any callable D.
         shape: (B, *data_shape).
         process: the process that defines the prior, the default σ range and process-bound samplers.
-        sampler: a name in :data:`sdeflow.samplers.SAMPLERS`.
+        sampler: a name in :data:`sdeflow.samplers.SAMPLERS`. ``heun`` on a flow process runs
+            :func:`~sdeflow.samplers.flow_heun` (Heun in the flow's own time; σ-space Heun is ill-conditioned
+            there at few steps).
         steps: number of steps N (ignored when ``sigmas`` is given).
         schedule: a name in :data:`sdeflow.schedules.SCHEDULES`; default :func:`default_schedule`.
         sigmas: an explicit decreasing σ grid ending in 0 (overrides steps/schedule).
@@ -175,6 +177,8 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
+    if sampler == "heun" and isinstance(process, FlowProcess):
+        sampler = "flow_heun"  # Heun's trapezoid in the flow's own time: well-conditioned at few steps
     fn = SAMPLERS[sampler]
     if sigmas is None:
         sigmas = get_schedule(schedule or default_schedule(sampler, process), steps, process)
