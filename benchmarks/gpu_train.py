@@ -162,6 +162,10 @@ def write_report(out: Path, meta: dict, results: dict) -> None:
             f"![samples at NFE 10](gpu_grid_{name}.png)",
             "",
         ]
+        if r.get("note"):
+            lines += [r["note"], ""]
+        if (out / f"gpu_quality_{name}.png").is_file():
+            lines += [f"![FID and FD vs NFE](gpu_quality_{name}.png)", ""]
         for metric, label in (("fd_inception", "FID"), ("fd_classifier", "FD (classifier features)")):
             rows = [x for x in r["eval"] if metric in x]
             if not rows:
@@ -193,7 +197,12 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="keep the other models' results of an earlier run")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="evaluate finished runs under --runs again")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.report_only:
+        d = json.loads((Path(args.out) / "gpu_quality.json").read_text())
+        write_report(Path(args.out), d["meta"], d["runs"])
+        return
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The Fréchet distance between Gaussians fitted to two feature sets (Heusel et al
 
     FD = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}),
 
-computed in float64 with scipy's matrix square root (the same computation as pytorch-fid).
+computed in float64 from two symmetric eigendecompositions (equal to pytorch-fid's scipy ``sqrtm`` to ~1e-13).
 """
 
 from __future__ import annotations
