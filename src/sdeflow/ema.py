@@ -37,6 +37,9 @@ class EMA(nn.Module):
         self.kind, self.decay, self.start_step = kind, decay, start_step
         self.gamma = power_exponent(std) if kind == "power" else 0.0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # parameter lists gathered once: walking the module tree every step costs ~ms of host time per step
+        self._ema = (list(self.model.parameters()), list(self.model.buffers()))
+        self._src: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def beta(self, step: int) -> float:
         """The averaging coefficient after optimizer step ``step`` (1-based)."""
@@ -50,11 +53,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         beta = self.beta(step)
-        ema_p = [p for p in self.model.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
+        if self._src is None or self._src[0] is not model:
+            # the Parameter objects themselves (not detached views): they stay valid if .to() re-homes their data
+            self._src = (model, list(model.parameters()), list(model.buffers()))
+        (ema_p, ema_b), (_, src_p, src_b) = self._ema, self._src
         if beta == 0.0:
             torch._foreach_copy_(ema_p, src_p)
         else:
             torch._foreach_lerp_(ema_p, src_p, 1 - beta)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        for b_ema, b in zip(ema_b, src_b):
             b_ema.copy_(b)

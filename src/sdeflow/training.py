@@ -33,7 +33,7 @@ from .models import build_model
 from .models.layers import ATTENTION_BACKENDS, set_attention_backend
 from .preconditioning import Denoiser
 from .process import get_process
-from .sampling import sample
+from .sampling import PRECISIONS, sample
 
 __all__ = ["Trainer", "TrainingDivergedError", "build_denoiser", "build_network", "build_recipe"]
 
@@ -165,6 +165,7 @@ class Trainer:
             fwd = torch.compile(fwd, mode=None if t.compile_mode == "default" else t.compile_mode)
         self.ddp_module = fwd
         self.denoiser = build_denoiser(fwd, self.recipe, cfg.diffusion, check_range=False)
+        self._params = list(self.net.parameters())
         self.opt = self._optimizer()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -271,7 +272,7 @@ class Trainer:
 
     def _train_step(self) -> Tensor:
         t = self.cfg.train
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        amp = PRECISIONS[t.precision]
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x0, labels, sigma, noise = self._batch(self.step, micro)
@@ -291,7 +292,7 @@ class Trainer:
             total += loss.detach() / t.grad_accum
         if t.grad_clip:
             self.scaler.unscale_(self.opt)
-            nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip)
+            nn.utils.clip_grad_norm_(self._params, t.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
