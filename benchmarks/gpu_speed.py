@@ -178,7 +178,9 @@ def diffusers_dit():
     )
 
 
-def sdeflow_trainer(kind: str, npz: Path, out: Path, compiled: bool, fast: bool, dev: torch.device):
+def sdeflow_trainer(
+    kind: str, npz: Path, out: Path, compiled: bool, fast: bool, dev: torch.device, mode: str = "default"
+):
     """sdeflow's Trainer on the benchmark model; ``fast`` turns on this issue's fast paths."""
     from sdeflow.config import load_config
     from sdeflow.training import Trainer
@@ -209,6 +211,7 @@ def sdeflow_trainer(kind: str, npz: Path, out: Path, compiled: bool, fast: bool,
             "train.ema={kind: fixed, decay: 0.9999}",
             "train.precision=bf16",
             f"train.compile={str(compiled).lower()}",
+            f"train.compile_mode={mode}",
             f"train.channels_last={str(fast and kind == 'unet').lower()}",
             f"train.fused_optimizer={str(fast).lower()}",
             f"train.attention_backend={'auto' if fast else 'default'}",
@@ -221,8 +224,9 @@ def sdeflow_trainer(kind: str, npz: Path, out: Path, compiled: bool, fast: bool,
 
 
 def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, dev: torch.device, peak: float) -> dict:
-    compiled, fast = variant != "eager", variant == "compile, fast paths"
-    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev)
+    compiled, fast = variant != "eager", variant.startswith("compile, fast paths")
+    mode = "max-autotune-no-cudagraphs" if "max-autotune" in variant else "default"
+    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev, mode)
     b, net = size(kind)["batch"], tr.net
     x = torch.randn(min(b, 8), *tr.data_shape, device=dev)
     t = torch.rand(len(x), device=dev) * 999
@@ -234,7 +238,7 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, dev: torch.
     m = time_steps(tr._train_step, dev, warm, 10 if not SMOKE else 2, 3 if not SMOKE else 1)
     row = _row(kind, "sdeflow", variant, tr.net, b, m, flops, peak)
     row["attention_backend"] = tr.cfg.train.attention_backend
-    profile = _profile(tr._train_step, dev) if fast and dev.type == "cuda" else None
+    profile = _profile(tr._train_step, dev) if compiled and dev.type == "cuda" else None
     return row | ({"profile": profile} if profile else {})
 
 
@@ -418,7 +422,7 @@ def _profile(step: Callable[[], object], dev: torch.device, steps: int = 5) -> d
 # ------------------------------------------------------------------------------------------------
 # sampling
 # ------------------------------------------------------------------------------------------------
-def sampling_rows(dev: torch.device, nfe: int = 20) -> list[dict]:
+def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> list[dict]:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser, sample
@@ -482,6 +486,9 @@ def sampling_rows(dev: torch.device, nfe: int = 20) -> list[dict]:
     if dev.type == "cuda":
         variants.insert(1, ("bf16, CUDA graphs", accelerate_denoiser(den, "bf16", cuda_graphs=True)))
         variants.append(("bf16, compile + CUDA graphs", CUDAGraphDenoiser(compiled)))  # reuses the compiled code
+        if autotune:  # Triton templates tried against cuBLAS / cuDNN for every matrix product and convolution
+            tuned = accelerate_denoiser(den, "bf16", compile=True, compile_mode="max-autotune-no-cudagraphs")
+            variants.append(("bf16, compile (max-autotune) + CUDA graphs", CUDAGraphDenoiser(tuned)))
     for variant, fast in variants:
 
         def run(fast=fast) -> torch.Tensor:
@@ -505,8 +512,9 @@ def main() -> None:
     ap.add_argument(
         "--rows",
         help="only these training rows, e.g. unet:sdeflow:fast,dit:diffusers:compile (model:library:variant with "
-        "variant in eager, compile, fast, example); default all",
+        "variant in eager, compile, fast, autotune, example); default all but autotune",
     )
+    ap.add_argument("--sample-autotune", action="store_true", help="also sample with a max-autotune compilation")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
     if args.report_only:
@@ -566,7 +574,11 @@ def main() -> None:
         if part not in parts:
             continue
         npz = mnist_npz(tmp / f"mnist32x{3 if kind == 'unet' else 4}.npz", 3 if kind == "unet" else 4)
-        for key, variant in (("eager", "eager"), ("compile", "compile"), ("fast", "compile, fast paths")):
+        variants = [("eager", "eager"), ("compile", "compile"), ("fast", "compile, fast paths")]
+        variants.append(("autotune", "compile, fast paths, max-autotune"))  # long compilation: ask with --rows
+        for key, variant in variants:
+            if key == "autotune" and wanted is None:
+                continue
             if selected(kind, "sdeflow", key):
                 attempt(
                     part,
@@ -586,7 +598,7 @@ def main() -> None:
                 )
     if "sample_unet" in parts:
         try:
-            for r in sampling_rows(dev):
+            for r in sampling_rows(dev, autotune=args.sample_autotune):
                 add(r)
         except Exception as e:
             add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
