@@ -33,6 +33,7 @@ import argparse
 import datetime
 import gc
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -537,7 +538,7 @@ def main() -> None:
         "diffusers": diffusers.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "bf16_peak_TFLOPs": peak / 1e12,
-        "command": "python benchmarks/gpu_speed.py --parts " + args.parts,
+        "command": "python benchmarks/gpu_speed.py " + " ".join(sys.argv[1:]),
     }
     parts = args.parts.split(",")
     jfile = out / "gpu_speed.json"
@@ -624,6 +625,8 @@ def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
             f"{m['diffusers']}; measured bf16 matmul peak {m['bf16_peak_TFLOPs']:.0f} TFLOP/s.",
             "",
         ]
+        if m.get("note"):
+            lines += [m["note"], ""]
         train = part.startswith("train")
         ref_variant = "train_unconditional.py" if part == "train_unet" else ("eager" if train else "bf16, eager")
         ref = next(

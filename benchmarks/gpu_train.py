@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def main() -> None:
         "torch": torch.__version__,
         "n": args.n,
         "inception": Path(inception).name if inception else "none",
-        "command": "python benchmarks/gpu_train.py --models " + args.models,
+        "command": "python benchmarks/gpu_train.py " + " ".join(sys.argv[1:]),
     }
     jfile = out / "gpu_quality.json"
     results = json.loads(jfile.read_text())["runs"] if args.append and jfile.is_file() else {}
