@@ -149,8 +149,8 @@ def _ddp_worker(rank, world, port, out, overrides):
     tr.fit()
     if rank == 0:
         torch.save({"weights": tr.net.state_dict(), "losses": tr.losses, "ema": tr.ema.model.state_dict()}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    tr.close()
+    assert not dist.is_initialized()
 
 
 def test_ddp_two_gloo_processes_equal_single_process(tmp_path):

@@ -23,11 +23,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg.out_dir = args.out
     trainer = Trainer(cfg, resume=args.resume if args.resume else False, progress=not args.quiet)
     summary = trainer.fit()
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # under torchrun: wait for every rank, then leave cleanly
-        dist.barrier()
-        dist.destroy_process_group()
+    trainer.close()  # under torchrun: wait for every rank, then leave cleanly
     if trainer.rank == 0:
         print(json.dumps(summary, indent=1))
     return 0

@@ -10,6 +10,7 @@ draws it for the *global* batch before taking its own slice. Hence
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -415,6 +416,16 @@ class Trainer:
             summary["samples"] = str(self.sample_figure(self.out / "samples.png"))
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def close(self) -> None:
+        """Leave a distributed run cleanly: every rank waits for the others, the DDP wrapper (which holds the
+        process group and its reducer) is released, then the process group is destroyed. Destroying the group
+        while DDP still referenced it could abort a rank at exit. A no-op in a single process."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            self.denoiser = self.ddp_module = None  # type: ignore[assignment]
+            gc.collect()
+            dist.destroy_process_group()
 
     def _flush(self, pending: list[Tensor], log_file: Path, writer: Any, bar: Any) -> None:
         if not pending:
