@@ -483,21 +483,36 @@ def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> l
     den = Denoiser(net.to(dev).eval(), process, "eps")
     n_ours = sum(p.numel() for p in net.parameters())
     compiled = accelerate_denoiser(den, "bf16", compile=True)
-    variants = [("bf16, eager", accelerate_denoiser(den, "bf16")), ("bf16, compile", compiled)]
+    # built when their row runs: the channels-last rows convert the network's weights in place, so they come last
+    variants: list[tuple[str, Callable[[], object]]] = [("bf16, eager", lambda: accelerate_denoiser(den, "bf16"))]
     if dev.type == "cuda":
-        variants.insert(1, ("bf16, CUDA graphs", accelerate_denoiser(den, "bf16", cuda_graphs=True)))
-        variants.append(("bf16, compile + CUDA graphs", CUDAGraphDenoiser(compiled)))  # reuses the compiled code
-        if autotune:  # Triton templates tried against cuBLAS / cuDNN for every matrix product and convolution
-            tuned = accelerate_denoiser(den, "bf16", compile=True, compile_mode="max-autotune-no-cudagraphs")
-            variants.append(("bf16, compile (max-autotune) + CUDA graphs", CUDAGraphDenoiser(tuned)))
-    for variant, fast in variants:
+        variants.append(("bf16, CUDA graphs", lambda: accelerate_denoiser(den, "bf16", cuda_graphs=True)))
+    variants.append(("bf16, compile", lambda: compiled))
+    if dev.type == "cuda":
+        variants.append(("bf16, compile + CUDA graphs", lambda: CUDAGraphDenoiser(compiled)))  # same compiled code
+        if autotune:  # channels-last; then Triton templates tried against cuBLAS / cuDNN for every product
+            variants.append(
+                (
+                    "bf16, channels-last, compile + CUDA graphs",
+                    lambda: CUDAGraphDenoiser(accelerate_denoiser(den, "bf16", compile=True, channels_last=True)),
+                )
+            )
+            mode = "max-autotune-no-cudagraphs"
+            variants.append(
+                (
+                    "bf16, channels-last, compile (max-autotune) + CUDA graphs",
+                    lambda: CUDAGraphDenoiser(accelerate_denoiser(den, "bf16", compile=True, compile_mode=mode)),
+                )
+            )
+    for variant, build in variants:
+        fast = build()
 
         def run(fast=fast) -> torch.Tensor:
             r = sample(fast, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev)
             return r.samples.float().cpu()
 
         rows.append(timed(run, "sdeflow", f"ddim {variant}", n_ours))
-    del variants, compiled
+        del fast, run
     free()
     return rows
 

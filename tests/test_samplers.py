@@ -203,6 +203,12 @@ def test_accelerated_denoiser_on_cpu():
     assert torch.isfinite(r.samples).all() and r.nfe == 3
     with pytest.raises(ValueError, match="unknown precision 'int8'"):
         accelerate_denoiser(den, "int8")
+    nhwc = accelerate_denoiser(den, channels_last=True)  # converts the network's weights in place
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out = nhwc(x, s)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             accelerate_denoiser(den, cuda_graphs=True)
