@@ -239,3 +239,17 @@ def test_heun_on_a_flow_runs_in_flow_time_and_is_second_order():
     ref = run(2000)
     errs = [float((run(n) - ref).norm(dim=1).mean()) for n in (20, 40, 80)]
     assert all(3.5 < errs[i] / errs[i + 1] < 4.5 for i in range(2)), errs
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "ddim", "dpmpp_2m", "unipc", "flow_euler", "flow_heun"])
+def test_float32_sampling_on_a_flow_matches_float64(name):
+    """A flow's grid starts at σ ≈ 10⁴ (t = 1 − 10⁻⁴), where float32 cancellation once cost flow_euler a mean
+    error of 0.12 (max 0.46) on these samples; every deterministic sampler must now agree with float64."""
+    from sdeflow.schedules import get_schedule
+
+    flow = FlowProcess()
+    sig = get_schedule("flow", 5, flow)
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)) * float(sig[0])
+    lo = sample(GM, (2000, 2), flow, name, sigmas=sig, x_init=x0).samples
+    hi = sample(GM, (2000, 2), flow, name, sigmas=sig, x_init=x0.double(), dtype=torch.float64).samples
+    assert lo.dtype == torch.float32 and float((lo.double() - hi).abs().max()) < 1e-3

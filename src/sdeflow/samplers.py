@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .preconditioning import DenoiserFn, convert
+from .preconditioning import DenoiserFn
 from .process import EDMProcess, FlowProcess, Process
 
 __all__ = [
@@ -173,7 +173,7 @@ def edm_stochastic(
 def flow_euler(model, x, sigmas, cond=None, *, generator=None, callback=None, process: Process | None = None) -> Tensor:
     """Euler in the process's own time on x_t (rectified flow: x_{t'} = x_t + (t' − t)·v̂). NFE = N.
 
-    v̂ = dx_t/dt is the velocity implied by D (see :func:`sdeflow.preconditioning.convert`); with the
+    v̂ = dx_t/dt is the velocity implied by D (see :func:`_velocity`); with the
     linear flow path this is the sampler of Liu et al. 2022 / SD3 / diffusers' FlowMatchEuler.
     """
     process = process if process is not None else FlowProcess()
@@ -187,13 +187,20 @@ def flow_euler(model, x, sigmas, cond=None, *, generator=None, callback=None, pr
 
 
 def _velocity(model, xt, sigma, t, cond, process, callback=None, i=None) -> Tensor:
-    """v̂ = dx_t/dt at (x_t, t), from D at x̃ = x_t / s(t) (see :func:`sdeflow.preconditioning.convert`)."""
-    xs = xt / float(process.s(t))
+    """v̂ = dx_t/dt at (x_t, t) from D at x̃ = x_t / s(t):
+
+        dx_t/dt = ṡ x̃ + s σ̇ (x̃ − D)/σ = (ṡ + b) x̃ − b D,   b = s σ̇ / σ,
+
+    with the scalar coefficients in float64. (For a flow near t = 1, ṡ + b = (1 − t)/t is a difference of
+    numbers near 1: in float32, computing it there lost the sample's noise part.)
+    """
+    s, ds, dsig = (float(f(t)) for f in (process.s, process.ds_dt, process.dsigma_dt))
+    xs = xt / s
     denoised = _denoise(model, xs, sigma, cond)
     if i is not None:
         _notify(callback, i, sigma, xs, denoised)
-    sig_b = torch.full((xt.shape[0],), sigma, dtype=xt.dtype, device=xt.device)
-    return convert(denoised, xs, sig_b, "x0", "velocity", process)
+    b = s * dsig / sigma
+    return (ds + b) * xs - b * denoised
 
 
 @torch.no_grad()
