@@ -521,13 +521,19 @@ def _preset(base: Callable[..., Tensor], name: str, doc: str, **fixed: Any) -> C
     return sampler
 
 
-heun = _preset(
-    edm_stochastic,
-    "heun",
-    "EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1): "
-    "edm_stochastic with S_churn = 0. NFE = 2N − 1 (Euler into σ = 0).",
-    s_churn=0.0,
-)
+@torch.no_grad()
+def heun(model, x, sigmas, cond=None, *, generator=None, callback=None, process: Process | None = None) -> Tensor:
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1): :func:`edm_stochastic` with
+    S_churn = 0. NFE = 2N − 1 (Euler into σ = 0).
+
+    Given a :class:`~sdeflow.FlowProcess` it runs :func:`flow_heun`, the trapezoid in the flow's own time:
+    in σ-space it is ill-conditioned on a flow's grid (see there).
+    """
+    if isinstance(process, FlowProcess):
+        return flow_heun(model, x, sigmas, cond, generator=generator, callback=callback, process=process)
+    return edm_stochastic(model, x, sigmas, cond, generator=generator, callback=callback)
+
+
 dpmpp_2m = _preset(
     dpmpp_2m_sde,
     "dpmpp_2m",
@@ -565,7 +571,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 # samplers whose math is defined by a forward process (they take a ``process=`` option)
-PROCESS_SAMPLERS = ("flow_euler", "flow_heun", "euler_maruyama", "pc")
+PROCESS_SAMPLERS = ("heun", "flow_euler", "flow_heun", "euler_maruyama", "pc")
 
 
 def nfe_per_steps(name: str, steps: int, **options: Any) -> int:

@@ -188,8 +188,6 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {sorted(SAMPLERS)}")
-    if sampler == "heun" and isinstance(process, FlowProcess):
-        sampler = "flow_heun"  # Heun's trapezoid in the flow's own time: well-conditioned at few steps
     fn = SAMPLERS[sampler]
     if sigmas is None:
         sigmas = get_schedule(schedule or default_schedule(sampler, process), steps, process)
