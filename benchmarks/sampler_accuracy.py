@@ -41,6 +41,7 @@ OURS = {  # name -> (sampler, process, options)
     "dpmpp_2m_sde": ("dpmpp_2m_sde", EDMProcess(), {}),
     "unipc": ("unipc", EDMProcess(), {}),
     "flow_euler (shift 3)": ("flow_euler", FlowProcess(shift=3.0), {}),
+    "flow_heun (shift 3)": ("flow_heun", FlowProcess(shift=3.0), {}),
 }
 TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
@@ -59,6 +60,7 @@ def diffusers_schedulers():
         "DPMSolverMultistep (karras)": (lambda: d.DPMSolverMultistepScheduler(**BETAS, use_karras_sigmas=True), 1),
         "UniPC": (lambda: d.UniPCMultistepScheduler(**BETAS), 1),
         "FlowMatchEuler (shift 3)": (lambda: d.FlowMatchEulerDiscreteScheduler(shift=3.0), 1),
+        "FlowMatchHeun (shift 3)": (lambda: d.FlowMatchHeunDiscreteScheduler(shift=3.0), 2),
     }
 
 
