@@ -90,6 +90,17 @@ def coefficients(
         raise ValueError(f"unknown parameterization '{parameterization}'; choose one of {PARAMETERIZATIONS}")
     if process is None:
         raise ValueError(f"parameterization '{parameterization}' needs a process (for s(t) and t(σ))")
+    # The process's coefficients are per-sample scalars: take them in float64 and return them in σ's dtype. For a
+    # flow near t = 1, 1 − t and the velocity's c_skip = 1 + ṡσ/(sσ̇) cancel catastrophically in float32 (at
+    # σ = 10⁴ a float32 D was off by 3.6). MPS has no float64.
+    out_dtype = sigma.dtype
+    if sigma.device.type != "mps":
+        sigma = sigma.double()
+    c = _process_coefficients(parameterization, sigma, process, time_scale)
+    return Coefficients(*(v.to(out_dtype) for v in (c.c_skip, c.c_out, c.c_in, c.c_noise)))
+
+
+def _process_coefficients(parameterization: str, sigma: Tensor, process: Process, time_scale: float) -> Coefficients:
     t = process.t_of_sigma(sigma)
     s = process.s(t).to(sigma.dtype)
     one = torch.ones_like(sigma)
