@@ -36,7 +36,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,15 @@ def count_flops(fn: Callable[[], torch.Tensor]) -> int:
         with FlopCounterMode(display=False) as fc:
             fn().float().square().mean().backward()
     return fc.get_total_flops()
+
+
+def forward_flops_per_image(fn: Callable[[torch.Tensor], object], shape: tuple[int, ...], dev: torch.device) -> float:
+    """FLOPs of one network evaluation per image (matmuls, convs, SDPA), counted on a batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn(torch.randn(2, *shape, device=dev))
+    return fc.get_total_flops() / 2
 
 
 def free() -> None:
@@ -381,12 +390,13 @@ def diffusers_tuned_row(kind: str, npz: Path, dev: torch.device, peak: float, co
 # ------------------------------------------------------------------------------------------------
 # profile
 # ------------------------------------------------------------------------------------------------
-CATEGORIES = (
+CATEGORIES = (  # first match wins
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("fused elementwise / norms (Triton)", ("triton",)),
+    ("copies / memsets / layout transposes", ("memcpy", "memset", "copy", "nchwtonhwc", "nhwctonchw")),
     ("matmul / conv (cuBLAS, cuDNN, CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "conv", "sm90", "sm80", "cudnn")),
     ("optimizer / EMA", ("adam", "multi_tensor", "foreach", "lerp")),
-    ("fused elementwise / norms (Triton)", ("triton",)),
-    ("copies / memsets", ("memcpy", "memset", "copy")),
+    ("unfused elementwise / norms (ATen)", ("elementwise", "reduce", "moments", "norm", "silu", "softmax")),
 )
 
 
@@ -399,31 +409,50 @@ def _category(name: str) -> str:
 
 
 def _profile(step: Callable[[], object], dev: torch.device, steps: int = 5) -> dict:
-    """GPU kernel time of ``steps`` training steps, by category and the top kernels."""
+    """GPU kernel time of ``steps`` calls, by category and the top kernels; and which host-side ATen ops
+    (with their input shapes) launched the copy kernels, the category a layout or dtype mismatch lands in."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(dev)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync(dev)
     kernels: dict[str, float] = {}
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if t and evt.device_type == torch.autograd.DeviceType.CUDA:
+        # "## Call CompiledFxGraph … ##" and the like are annotations spanning kernels, not kernels
+        if t and evt.device_type == torch.autograd.DeviceType.CUDA and not evt.key.startswith("## "):
             kernels[evt.key] = kernels.get(evt.key, 0.0) + t / steps / 1e3  # ms per step
     total = sum(kernels.values())
     cats: dict[str, float] = {}
     for k, v in kernels.items():
         cats[_category(k)] = cats.get(_category(k), 0.0) + v
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"kernel_ms_per_step": total, "categories": cats, "top": top}
+    copies: dict[str, float] = {}
+    try:  # host op → its copy kernels (the profiler links them by correlation id)
+        for evt in prof.events():
+            for k in getattr(evt, "kernels", []):
+                if _category(k.name).startswith("copies"):
+                    chain, e = [], evt  # the op and its callers, innermost first
+                    while e is not None and len(chain) < 4:
+                        chain.append(e.name)
+                        e = e.cpu_parent
+                    key = f"{' < '.join(chain)} {list(evt.input_shapes or [])[:2]}"
+                    copies[key] = copies.get(key, 0.0) + k.duration / steps / 1e3
+    except Exception as e:  # attribution is a diagnostic; never lose the profile over it
+        copies = {f"(attribution failed: {type(e).__name__}: {e})"[:200]: 0.0}
+    copy_top = sorted(copies.items(), key=lambda kv: -kv[1])[:8]
+    return {"kernel_ms_per_step": total, "categories": cats, "top": top, "copy_sources": copy_top, "steps": steps}
 
 
 # ------------------------------------------------------------------------------------------------
 # sampling
 # ------------------------------------------------------------------------------------------------
-def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> list[dict]:
+def sampling_rows(dev: torch.device, peak: float, nfe: int = 20, autotune: bool = False) -> Iterator[dict]:
+    """Rows one by one (each is saved as it comes): diffusers' DDIMPipeline in fp32 and bf16, then sdeflow's
+    DDIM eager / CUDA graphs / compile / both, and with ``autotune`` channels-last, bf16 weights and a
+    max-autotune compilation. The compiled rows and diffusers' bf16 row carry a kernel profile of one batch."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser, sample
@@ -433,12 +462,15 @@ def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> l
     b = 256 if not SMOKE else 4
     s = size("unet")
     reps = 3 if not SMOKE else 1
-    rows = []
 
-    def timed(fn: Callable[[], object], lib: str, variant: str, params: float) -> dict:
+    flops: dict[str, float] = {}  # per image and network evaluation, by library
+
+    def timed(fn: Callable[[], object], lib: str, variant: str, params: float, profile: bool = False) -> dict:
         fn()  # warm-up: compilation, graph capture, cuDNN autotuning
         m = time_steps(fn, dev, 0, 1, reps)
         r = {
+            "mfu": flops[lib] * nfe * b / m["sec"] / peak,
+            "gflop_per_image_forward": flops[lib] / 1e9,
             "part": "sample_unet",
             "library": lib,
             "variant": variant,
@@ -450,26 +482,27 @@ def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> l
             "spread": m["spread"],
             "peak_mem_GiB": m["mem"],
         }
-        print(json.dumps(r), flush=True)
+        if profile and dev.type == "cuda":
+            r["profile"] = _profile(fn, dev, steps=1)
         return r
 
     set_attention_backend("default")
     torch.manual_seed(0)
     unet = diffusers_unet().to(dev).eval()
     n_diff = sum(p.numel() for p in unet.parameters())
+    t = torch.tensor([10, 20], device=dev)
+    flops["diffusers"] = forward_flops_per_image(lambda x, u=unet: u(x, t), (3, 32, 32), dev)
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         pipe = DDIMPipeline(unet=unet.to(dtype), scheduler=DDIMScheduler(num_train_timesteps=1000))
         pipe.set_progress_bar_config(disable=True)
-        rows.append(
-            timed(
-                # "pt": the pipeline's numpy/PIL conversion fails for bf16; the host copy is ours, on both sides
-                lambda p=pipe: p(batch_size=b, num_inference_steps=nfe, output_type="pt").images.float().cpu(),
-                "diffusers",
-                f"DDIMPipeline {name}, eager",
-                n_diff,
-            )
-        )
-        del pipe
+        # "pt": the pipeline's numpy/PIL conversion fails for bf16; the host copy is ours, on both sides
+        run = lambda p=pipe: p(batch_size=b, num_inference_steps=nfe, output_type="pt").images.float().cpu()  # noqa: E731
+        yield timed(run, "diffusers", f"DDIMPipeline {name}, eager", n_diff, profile=name == "bf16")
+        if name == "bf16" and dev.type == "cuda":  # the cuDNN autotuning that sdeflow's rows get, given to diffusers
+            torch.backends.cudnn.benchmark = True
+            yield timed(run, "diffusers", "DDIMPipeline bf16, eager, cudnn.benchmark", n_diff)
+            torch.backends.cudnn.benchmark = False
+        del pipe, run
     del unet
     free()
 
@@ -482,39 +515,45 @@ def sampling_rows(dev: torch.device, nfe: int = 20, autotune: bool = False) -> l
         torch.nn.init.normal_(p, std=0.02)
     den = Denoiser(net.to(dev).eval(), process, "eps")
     n_ours = sum(p.numel() for p in net.parameters())
-    compiled = accelerate_denoiser(den, "bf16", compile=True)
-    # built when their row runs: the channels-last rows convert the network's weights in place, so they come last
-    variants: list[tuple[str, Callable[[], object]]] = [("bf16, eager", lambda: accelerate_denoiser(den, "bf16"))]
-    if dev.type == "cuda":
-        variants.append(("bf16, CUDA graphs", lambda: accelerate_denoiser(den, "bf16", cuda_graphs=True)))
-    variants.append(("bf16, compile", lambda: compiled))
-    if dev.type == "cuda":
-        variants.append(("bf16, compile + CUDA graphs", lambda: CUDAGraphDenoiser(compiled)))  # same compiled code
-        if autotune:  # channels-last; then Triton templates tried against cuBLAS / cuDNN for every product
-            variants.append(
-                (
-                    "bf16, channels-last, compile + CUDA graphs",
-                    lambda: CUDAGraphDenoiser(accelerate_denoiser(den, "bf16", compile=True, channels_last=True)),
-                )
-            )
-            mode = "max-autotune-no-cudagraphs"
-            variants.append(
-                (
-                    "bf16, channels-last, compile (max-autotune) + CUDA graphs",
-                    lambda: CUDAGraphDenoiser(accelerate_denoiser(den, "bf16", compile=True, compile_mode=mode)),
-                )
-            )
+    flops["sdeflow"] = forward_flops_per_image(lambda x: den(x, torch.ones(2, device=dev)), (3, 32, 32), dev)
+    cuda = dev.type == "cuda"
+
+    def ddim(model: Callable) -> Callable[[], torch.Tensor]:
+        return lambda: (
+            sample(model, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev).samples.float().cpu()
+        )
+
+    yield timed(ddim(accelerate_denoiser(den, "bf16")), "sdeflow", "ddim bf16, eager", n_ours)
+    if cuda:
+        yield timed(
+            ddim(accelerate_denoiser(den, "bf16", cuda_graphs=True)), "sdeflow", "ddim bf16, CUDA graphs", n_ours
+        )
+    # each compiled variant: timed and profiled as launched, then the same compiled code replayed from CUDA graphs;
+    # the channels-last / bf16-weight variants convert the network in place, so they come last, each adding one
+    # conversion to the one before
+    cl = {"compile": True, "channels_last": True}
+    variants: list[tuple[str, Callable[[], Callable]]] = [
+        ("bf16, compile", lambda: accelerate_denoiser(den, "bf16", compile=True))
+    ]
+    if autotune:
+        variants += [
+            ("bf16, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl)),
+            ("bf16 weights, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl, cast_weights=True)),
+            (  # Triton templates tried against cuBLAS / cuDNN for every product, epilogues fused into them
+                "bf16 weights, channels-last, compile (max-autotune)",
+                lambda: accelerate_denoiser(den, "bf16", **cl, compile_mode="max-autotune-no-cudagraphs"),
+            ),
+        ]
     for variant, build in variants:
-        fast = build()
-
-        def run(fast=fast) -> torch.Tensor:
-            r = sample(fast, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev)
-            return r.samples.float().cpu()
-
-        rows.append(timed(run, "sdeflow", f"ddim {variant}", n_ours))
-        del fast, run
-    free()
-    return rows
+        try:
+            fast = build()
+            yield timed(ddim(fast), "sdeflow", f"ddim {variant}", n_ours, profile=True)
+            if cuda:
+                yield timed(ddim(CUDAGraphDenoiser(fast)), "sdeflow", f"ddim {variant} + CUDA graphs", n_ours)
+        except Exception as e:  # a failing variant is recorded, the next one runs
+            yield {"part": "sample_unet", "library": "sdeflow", "variant": f"ddim {variant}", "error": f"{e}"[:300]}
+        fast = None
+        free()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,7 +653,7 @@ def main() -> None:
                 )
     if "sample_unet" in parts:
         try:
-            for r in sampling_rows(dev, autotune=args.sample_autotune):
+            for r in sampling_rows(dev, peak, autotune=args.sample_autotune):
                 add(r)
         except Exception as e:
             add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
@@ -649,22 +688,21 @@ def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
         )
         lines += [
             "| library | variant | params (M) | images/s | "
-            + ("step ms | MFU | " if train else "s/batch | ")
+            + ("step ms | MFU | " if train else "s/batch | MFU | ")
             + "peak mem (GiB) | vs diffusers "
             + (ref["variant"] if ref else "")
             + " |",
-            "|---|---|---|---|---|" + ("---|" if train else "") + "---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in sel:
             if "error" in r:
-                lines.append(
-                    f"| {r['library']} | {r['variant']} | error: {r['error'][:120]} |" + " |" * (5 if train else 4)
-                )
+                lines.append(f"| {r['library']} | {r['variant']} | error: {r['error'][:120]} |" + " |" * 5)
                 continue
             ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}×" if ref else ""
             if r.get("date", m["date"]) != m["date"]:
                 r = r | {"variant": f"{r['variant']} *(earlier run, {r['date']})*"}
-            mid = f"{r['step_ms']:.1f} | {r['mfu']:.1%} | " if train else f"{r['seconds_per_batch']:.3f} | "
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else ""
+            mid = f"{r['step_ms']:.1f} | {mfu} | " if train else f"{r['seconds_per_batch']:.3f} | {mfu} | "
             lines.append(
                 f"| {r['library']} | {r['variant']} | {r['params_M']} | {r['images_per_s']:.0f} | {mid}"
                 f"{r['peak_mem_GiB']:.1f} | {ratio} |"
@@ -672,22 +710,27 @@ def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
         lines.append("")
     (out / "gpu_speed.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    prof = ["# Profile of sdeflow's fastest training steps (GPU kernel time per step)", ""]
+    prof = ["# Kernel profiles: sdeflow's compiled training steps and sampling runs (GPU kernel time)", ""]
     for r in rows:
         if "profile" not in r:
             continue
         p = r["profile"]
+        unit = "step" if r["part"].startswith("train") else f"batch of {r['batch']} at NFE {r['nfe']}"
+        wall = r["step_ms"] if "step_ms" in r else 1e3 * r["seconds_per_batch"]
         prof += [
-            f"## {r['part']} — {r['variant']}: {p['kernel_ms_per_step']:.1f} ms of kernels per step "
-            f"(wall {r['step_ms']:.1f} ms)",
+            f"## {r['part']} — {r['library']} {r['variant']}: {p['kernel_ms_per_step']:.1f} ms of kernels per "
+            f"{unit} (wall {wall:.1f} ms; {r['date']})",
             "",
-            "| category | ms/step | share |",
+            f"| category | ms/{unit.split()[0]} | share |",
             "|---|---|---|",
         ]
         for cat, v in sorted(p["categories"].items(), key=lambda kv: -kv[1]):
             prof.append(f"| {cat} | {v:.2f} | {v / p['kernel_ms_per_step']:.1%} |")
-        prof += ["", "| top kernels | ms/step |", "|---|---|"]
+        prof += ["", f"| top kernels | ms/{unit.split()[0]} |", "|---|---|"]
         prof += [f"| `{k[:110]}` | {v:.2f} |" for k, v in p["top"]]
+        if p.get("copy_sources"):
+            prof += ["", f"| host op launching copy kernels [input shapes] | ms/{unit.split()[0]} |", "|---|---|"]
+            prof += [f"| `{k[:150]}` | {v:.2f} |" for k, v in p["copy_sources"]]
         prof.append("")
     (out / "gpu_profile.md").write_text("\n".join(prof))
 

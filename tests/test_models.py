@@ -88,6 +88,32 @@ def test_conditioning_changes_output_and_null_label_is_honoured(kind):
         m(x, c, torch.full((4,), 3))
 
 
+def test_unet_attention_hands_the_fused_kernels_a_contiguous_head_dim(monkeypatch):
+    """Heads cut from an NCHW feature map are strided along the head dimension; the fused SDPA kernels refuse
+    such inputs (PyTorch falls back to the math path), so attention() copies them first, and only them."""
+    import torch.nn.functional as F
+
+    from sdeflow.models import UNet
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    net = UNet.preset("small_attn", img_resolution=8, in_channels=1, model_channels=16).eval()
+    x = torch.randn(2, 1, 8, 8)
+    net(x, torch.ones(2))
+    assert seen and all(s == (1, 1, 1) for s in seen)
+    seen.clear()
+    net.to(memory_format=torch.channels_last)
+    net(x.contiguous(memory_format=torch.channels_last), torch.ones(2))
+    assert seen and all(s == (1, 1, 1) for s in seen)
+    q = torch.randn(2, 4, 16, 37).transpose(-1, -2)  # (B, heads, L=37, d=16), head dim strided
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=1e-5, atol=1e-5)
+
+
 def test_sdpa_matches_reference_attention():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 37, 16, generator=g) for _ in range(3))

@@ -314,6 +314,11 @@ def test_cli_train_sample_and_class_flag(tmp_path, capsys):
     assert cli_main([*args, "--out", str(tmp_path / "b16"), "--precision", "bf16"]) == 0
     f32, b16 = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("f32", "b16"))
     assert 0 < np.abs(f32 - b16).max() < 0.1
+    w16 = ["--precision", "bf16", "--cast-weights", "--channels-last"]
+    assert cli_main([*args, "--out", str(tmp_path / "w16"), *w16]) == 0
+    assert 0 < np.abs(f32 - np.load(tmp_path / "w16" / "samples.npz")["x"]).max() < 0.1
+    with pytest.raises(SystemExit, match="--cast-weights needs --precision"):
+        cli_main([*args, "--out", str(tmp_path / "x"), "--cast-weights"])
     assert train(5, "--resume") == 0  # resume from the command line continues where it stopped
     assert find_latest(tmp_path / "r" / "checkpoints").name == "step_00000005"
     assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2

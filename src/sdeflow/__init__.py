@@ -18,7 +18,7 @@ from .process import (
     get_process,
     shift_time,
 )
-from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, sample
+from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, cast_network_weights, sample
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "VPDiscreteProcess",
     "VPLinearProcess",
     "accelerate_denoiser",
+    "cast_network_weights",
     "coefficients",
     "convert",
     "denoising_loss",

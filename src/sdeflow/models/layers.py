@@ -33,7 +33,13 @@ except AttributeError:  # PyTorch < 2.5 has no priority order
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Multi-head attention on (B, heads, L, d) tensors through PyTorch's fused SDPA kernels."""
+    """Multi-head attention on (B, heads, L, d) tensors through PyTorch's fused SDPA kernels.
+
+    The fused kernels (FlashAttention, cuDNN, memory-efficient) need the head dimension contiguous; given
+    strided views (heads cut from an NCHW feature map) PyTorch silently falls back to the math path
+    (``check_last_dim_stride_equals_1`` in ATen's sdp_utils), which under ``torch.compile`` became fp32
+    CUDA-core GEMMs in our UNet's sampling profile. Such views are copied first."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v)
 
 
