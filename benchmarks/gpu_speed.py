@@ -189,9 +189,17 @@ def diffusers_dit():
 
 
 def sdeflow_trainer(
-    kind: str, npz: Path, out: Path, compiled: bool, fast: bool, dev: torch.device, mode: str = "default"
+    kind: str,
+    npz: Path,
+    out: Path,
+    compiled: bool,
+    fast: bool,
+    dev: torch.device,
+    mode: str = "default",
+    options: str = "{}",
 ):
-    """sdeflow's Trainer on the benchmark model; ``fast`` turns on this issue's fast paths."""
+    """sdeflow's Trainer on the benchmark model; ``fast`` turns on this issue's fast paths; ``mode`` or
+    ``options`` (Inductor options, YAML) go to torch.compile."""
     from sdeflow.config import load_config
     from sdeflow.training import Trainer
 
@@ -222,6 +230,7 @@ def sdeflow_trainer(
             "train.precision=bf16",
             f"train.compile={str(compiled).lower()}",
             f"train.compile_mode={mode}",
+            f"train.compile_options={options}",
             f"train.channels_last={str(fast and kind == 'unet').lower()}",
             f"train.fused_optimizer={str(fast).lower()}",
             f"train.attention_backend={'auto' if fast else 'default'}",
@@ -236,7 +245,9 @@ def sdeflow_trainer(
 def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, dev: torch.device, peak: float) -> dict:
     compiled, fast = variant != "eager", variant.startswith("compile, fast paths")
     mode = "max-autotune-no-cudagraphs" if "max-autotune" in variant else "default"
-    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev, mode)
+    # coordinate descent: Inductor times neighbouring block sizes of each Triton kernel (the norms, GELU, ...)
+    options = "{coordinate_descent_tuning: true}" if "coordinate-descent" in variant else "{}"
+    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev, mode, options)
     b, net = size(kind)["batch"], tr.net
     x = torch.randn(min(b, 8), *tr.data_shape, device=dev)
     t = torch.rand(len(x), device=dev) * 999
@@ -567,7 +578,7 @@ def main() -> None:
     ap.add_argument(
         "--rows",
         help="only these training rows, e.g. unet:sdeflow:fast,dit:diffusers:compile (model:library:variant with "
-        "variant in eager, compile, fast, autotune, example); default all but autotune",
+        "variant in eager, compile, fast, autotune, coord, example); default all but autotune and coord",
     )
     ap.add_argument("--sample-autotune", action="store_true", help="also sample with a max-autotune compilation")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
@@ -630,9 +641,11 @@ def main() -> None:
             continue
         npz = mnist_npz(tmp / f"mnist32x{3 if kind == 'unet' else 4}.npz", 3 if kind == "unet" else 4)
         variants = [("eager", "eager"), ("compile", "compile"), ("fast", "compile, fast paths")]
-        variants.append(("autotune", "compile, fast paths, max-autotune"))  # long compilation: ask with --rows
+        # long compilations: asked for with --rows
+        variants += [("autotune", "compile, fast paths, max-autotune")]
+        variants += [("coord", "compile, fast paths, coordinate-descent tuning")]
         for key, variant in variants:
-            if key == "autotune" and wanted is None:
+            if key in ("autotune", "coord") and wanted is None:
                 continue
             if selected(kind, "sdeflow", key):
                 attempt(

@@ -181,6 +181,16 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
 
 
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
+    """train.compile_options are Inductor options handed to torch.compile in place of a mode."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    opts = "train.compile_options={coordinate_descent_tuning: true}"
+    Trainer(_cfg(tmp_path, "train.compile=true", opts), progress=False)
+    Trainer(_cfg(tmp_path, "train.compile=true", "train.compile_mode=max-autotune", name="b"), progress=False)
+    assert seen == [{"options": {"coordinate_descent_tuning": True}}, {"mode": "max-autotune"}]
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(None, ["train.lrr=0.1"])
@@ -200,17 +210,25 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(None, ["train.lr=2e-4"]).train.lr == 2e-4  # YAML 1.1 reads '2e-4' as text
-    refused = [  # (override, error, message the error must contain)
+    refused = [  # (override, error, message the error must contain, further overrides)
         ("train.precision=fp8", ConfigError, "train.precision"),
         ("train.batch_size=15", ConfigError, "divisible"),
         ("data.name=cifar11", ValueError, "unknown dataset 'cifar11'"),
         ("data.name=cifar10", ValueError, "data.path is required"),
         ("train.attention_backend=fastest", ConfigError, "train.attention_backend"),
         ("train.compile_mode=turbo", ConfigError, "train.compile_mode"),
+        ("train.compile_options={warp_speed: true}", ConfigError, r"unknown Inductor option\(s\) \['warp_speed'\]"),
+        ("train.compile_options=[1]", ConfigError, "train.compile_options: expected a mapping"),
+        (
+            "train.compile_options={b: 1}",
+            ConfigError,
+            "exclude a train.compile_mode",
+            "train.compile_mode=max-autotune",
+        ),
     ]
-    for override, error, message in refused:
+    for override, error, message, *more in refused:
         with pytest.raises(error, match=message):
-            Trainer(_cfg(tmp_path, override), progress=False)
+            Trainer(_cfg(tmp_path, override, *more), progress=False)
 
 
 def test_channels_last_training_matches_and_checkpoints(tmp_path):

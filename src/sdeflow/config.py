@@ -90,6 +90,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    # Inductor options for torch.compile instead of a mode, e.g. {coordinate_descent_tuning: true}
+    compile_options: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False  # NHWC activations for convolutional networks on the GPU
     fused_optimizer: bool = True  # one fused kernel for the optimizer step on the GPU (Adam, AdamW, SGD)
     attention_backend: str = "auto"  # auto (cuDNN on Hopper) | default | cudnn | flash | efficient | math

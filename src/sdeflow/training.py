@@ -114,6 +114,14 @@ class Trainer:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ConfigError(f"train.compile_mode must be one of {modes}, got '{t.compile_mode}'")
+        if t.compile_options:
+            if t.compile_mode != "default":
+                raise ConfigError("train.compile_options exclude a train.compile_mode other than default")
+            from torch._inductor import list_options
+
+            unknown = sorted(set(t.compile_options) - set(list_options()))
+            if unknown:
+                raise ConfigError(f"train.compile_options: unknown Inductor option(s) {unknown}")
         if t.lr_schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"train.lr_schedule must be constant, cosine or linear, got '{t.lr_schedule}'")
         if not 0 <= t.label_dropout < 1:
@@ -163,7 +171,10 @@ class Trainer:
 
             fwd = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if t.compile:
-            fwd = torch.compile(fwd, mode=None if t.compile_mode == "default" else t.compile_mode)
+            if t.compile_options:
+                fwd = torch.compile(fwd, options=dict(t.compile_options))
+            else:
+                fwd = torch.compile(fwd, mode=None if t.compile_mode == "default" else t.compile_mode)
         self.ddp_module = fwd
         self.denoiser = build_denoiser(fwd, self.recipe, cfg.diffusion, check_range=False)
         self._params = list(self.net.parameters())
