@@ -137,9 +137,10 @@ def accelerate_denoiser(
     wrapper convert the network yourself), network weights stored in the autocast
     dtype (``cast_weights``, in place: see :func:`cast_network_weights`), ``torch.compile`` of the whole
     denoiser (preconditioning + network), and/or :class:`CUDAGraphDenoiser` replay. The sampler's state and
-    the preconditioning stay fp32 throughout. With ``cudnn_benchmark`` (and a CUDA device) cuDNN times its
-    convolution algorithms on the first call at each shape and keeps the fastest (``torch.backends.cudnn.benchmark``,
-    a process-wide switch, as the trainer sets it): a sampler calls the network at one shape many times.
+    the preconditioning stay fp32 throughout. With ``cudnn_benchmark``, any of those options and a CUDA
+    device, cuDNN times its convolution algorithms on the first call at each shape and keeps the fastest
+    (``torch.backends.cudnn.benchmark``, a process-wide switch, as the trainer sets it): a sampler calls the
+    network at one shape many times. A plain fp32 D leaves cuDNN's fixed choices alone.
     Works with every sampler and guidance wrapper, since it keeps the D(x, σ, cond) interface."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose one of {sorted(PRECISIONS)}")
@@ -147,7 +148,8 @@ def accelerate_denoiser(
         raise ValueError("cuda_graphs=True needs a CUDA device")
     if cast_weights and PRECISIONS[precision] is None:
         raise ValueError("cast_weights needs a reduced precision (bf16 or fp16)")
-    if cudnn_benchmark and torch.cuda.is_available():
+    faster = PRECISIONS[precision] is not None or compile or cuda_graphs or channels_last
+    if cudnn_benchmark and faster and torch.cuda.is_available():  # a plain fp32 D keeps cuDNN's fixed choices
         torch.backends.cudnn.benchmark = True
     fn: DenoiserFn = model
     if channels_last and isinstance(model, torch.nn.Module):  # a wrapper's network is converted by its owner
