@@ -47,17 +47,21 @@ def load_model_from_checkpoint(path: str | Path, ema: bool = True, device: str =
 
 def _accelerated(model, den, args: argparse.Namespace):
     """``model`` (``den`` or a guidance wrapper around it) with the speed options of ``args``."""
-    from .sampling import PRECISIONS, accelerate_denoiser, cast_network_weights
+    from .sampling import PRECISIONS, accelerate_denoiser
 
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         raise SystemExit("error: --cuda-graphs needs --device cuda")
-    if args.cast_weights:
-        if PRECISIONS[args.precision] is None:
-            raise SystemExit("error: --cast-weights needs --precision bf16 or fp16")
-        cast_network_weights(den, PRECISIONS[args.precision])
-    if args.channels_last:
-        den.to(memory_format=torch.channels_last)  # here: ``model`` may be a guidance wrapper around den
-    return accelerate_denoiser(model, args.precision, args.compile, args.cuda_graphs, channels_last=args.channels_last)
+    if args.cast_weights and PRECISIONS[args.precision] is None:
+        raise SystemExit("error: --cast-weights needs --precision bf16 or fp16")
+    return accelerate_denoiser(
+        model,
+        args.precision,
+        args.compile,
+        args.cuda_graphs,
+        channels_last=args.channels_last,
+        cast_weights=args.cast_weights,
+        network=den,  # ``model`` may be a guidance wrapper around den
+    )
 
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:

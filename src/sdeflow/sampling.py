@@ -131,17 +131,20 @@ def accelerate_denoiser(
     channels_last: bool = False,
     cast_weights: bool = False,
     cudnn_benchmark: bool = True,
+    network: torch.nn.Module | None = None,
 ) -> DenoiserFn:
-    """A faster D for sampling: autocast to ``precision`` (fp32 | bf16 | fp16), channels-last activations
-    (converts the weights of ``model``'s convolutions in place when ``model`` is a module; under a guidance
-    wrapper convert the network yourself), network weights stored in the autocast
-    dtype (``cast_weights``, in place: see :func:`cast_network_weights`), ``torch.compile`` of the whole
+    """A faster D for sampling: autocast to ``precision`` (fp32 | bf16 | fp16), channels-last activations,
+    network weights stored in the autocast dtype (``cast_weights``: see :func:`cast_network_weights`),
+    ``torch.compile`` of the whole
     denoiser (preconditioning + network), and/or :class:`CUDAGraphDenoiser` replay. The sampler's state and
     the preconditioning stay fp32 throughout. With ``cudnn_benchmark``, any of those options and a CUDA
     device, cuDNN times its convolution algorithms on the first call at each shape and keeps the fastest
     (``torch.backends.cudnn.benchmark``, a process-wide switch, as the trainer sets it): a sampler calls the
     network at one shape many times. A plain fp32 D leaves cuDNN's fixed choices alone.
-    Works with every sampler and guidance wrapper, since it keeps the D(x, σ, cond) interface."""
+    Works with every sampler and guidance wrapper, since it keeps the D(x, σ, cond) interface.
+
+    ``channels_last`` and ``cast_weights`` convert, in place, the module ``network`` (default: ``model``
+    itself); pass the wrapped :class:`~sdeflow.Denoiser` as ``network`` when ``model`` is a guidance wrapper."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; choose one of {sorted(PRECISIONS)}")
     if cuda_graphs and not torch.cuda.is_available():
@@ -151,11 +154,14 @@ def accelerate_denoiser(
     faster = PRECISIONS[precision] is not None or compile or cuda_graphs or channels_last
     if cudnn_benchmark and faster and torch.cuda.is_available():  # a plain fp32 D keeps cuDNN's fixed choices
         torch.backends.cudnn.benchmark = True
-    fn: DenoiserFn = model
-    if channels_last and isinstance(model, torch.nn.Module):  # a wrapper's network is converted by its owner
-        model.to(memory_format=torch.channels_last)
+    module = network if network is not None else model
+    if (channels_last or cast_weights) and not isinstance(module, torch.nn.Module):
+        raise ValueError("channels_last / cast_weights convert a torch module: pass it as network= (e.g. the Denoiser)")
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
     if cast_weights:
-        cast_network_weights(model, PRECISIONS[precision])  # type: ignore[arg-type]
+        cast_network_weights(module, PRECISIONS[precision])  # type: ignore[arg-type]
+    fn: DenoiserFn = model
     if PRECISIONS[precision] is not None or channels_last:
         fn = _Autocast(fn, PRECISIONS[precision], cache=not cuda_graphs, channels_last=channels_last)
     if compile:
