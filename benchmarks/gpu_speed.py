@@ -15,13 +15,15 @@ Parts (``--parts``, default all):
   ``DiTTransformer2DModel`` of the same width/depth/heads/patch in a plain loop, eager and compiled.
 - ``sample_unet``: images/s at NFE 20, batch 256, of DDIM with the CIFAR-size UNet: diffusers' ``DDIMPipeline``
   (fp32 as shipped, and bf16) against sdeflow's ``ddim`` sampler in bf16 — eager, with CUDA graphs,
-  compiled, compiled + CUDA graphs.
+  compiled, compiled + CUDA graphs, channels-last (with PyTorch's GroupNorm and with sdeflow's), bf16 weights.
+- ``norm``: GroupNorm + SiLU alone, compiled, on the UNet's activation shapes: PyTorch's (NCHW, channels-last)
+  against sdeflow's channels-last ``GroupNorm``, forward and forward + backward.
 
 MFU = model FLOPs of one forward+backward (counted with ``torch.utils.flop_counter``) × steps/s over the dense
 bf16 matrix-product peak measured on the same GPU at the start of the run. A profile of sdeflow's fastest
 training step (kernel time by category, top kernels) goes to ``gpu_profile.md``.
 
-    python benchmarks/gpu_speed.py [--parts train_unet,train_dit,sample_unet] [--append] [--out DIR]
+    python benchmarks/gpu_speed.py [--parts train_unet,train_dit,sample_unet,norm] [--append] [--out DIR]
 
 Writes ``gpu_speed.{json,md}`` and ``gpu_profile.md`` under ``--out`` (default benchmarks/results).
 ``--smoke`` runs every code path with tiny models on the CPU (for checking the script, not for numbers).
@@ -242,12 +244,25 @@ def sdeflow_trainer(
     return Trainer(cfg, progress=False)
 
 
+def use_torch_group_norm(net: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+    """Swap sdeflow's ``GroupNorm`` modules for PyTorch's own (same parameters) or back: the "before" rows of
+    the channels-last group normalisation."""
+    from sdeflow.models.layers import GroupNorm
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.__class__ = torch.nn.GroupNorm if on else GroupNorm
+    return net
+
+
 def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, dev: torch.device, peak: float) -> dict:
     compiled, fast = variant != "eager", variant.startswith("compile, fast paths")
     mode = "max-autotune-no-cudagraphs" if "max-autotune" in variant else "default"
     # coordinate descent: Inductor times neighbouring block sizes of each Triton kernel (the norms, GELU, ...)
     options = "{coordinate_descent_tuning: true}" if "coordinate-descent" in variant else "{}"
     tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, dev, mode, options)
+    if "PyTorch GroupNorm" in variant:  # compilation is lazy: the swap is seen by the first step
+        use_torch_group_norm(tr.net)
     b, net = size(kind)["batch"], tr.net
     x = torch.randn(min(b, 8), *tr.data_shape, device=dev)
     t = torch.rand(len(x), device=dev) * 999
@@ -541,16 +556,20 @@ def sampling_rows(dev: torch.device, peak: float, nfe: int = 20, autotune: bool 
         )
     # each compiled variant: timed and profiled as launched, then the same compiled code replayed from CUDA graphs;
     # the channels-last / bf16-weight variants convert the network in place, so they come last, each adding one
-    # conversion to the one before
+    # conversion to the one before; "PyTorch GroupNorm" is the channels-last network before sdeflow's GroupNorm
     cl = {"compile": True, "channels_last": True}
     variants: list[tuple[str, Callable[[], Callable]]] = [
-        ("bf16, compile", lambda: accelerate_denoiser(den, "bf16", compile=True))
+        ("bf16, compile", lambda: accelerate_denoiser(den, "bf16", compile=True)),
+        (
+            "bf16, channels-last, compile, PyTorch GroupNorm",
+            lambda: accelerate_denoiser(use_torch_group_norm(den), "bf16", **cl),
+        ),
+        ("bf16, channels-last, compile", lambda: accelerate_denoiser(use_torch_group_norm(den, False), "bf16", **cl)),
+        ("bf16 weights, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl, cast_weights=True)),
     ]
-    if autotune:
+    if autotune:  # Triton templates tried against cuBLAS / cuDNN for every product, epilogues fused into them
         variants += [
-            ("bf16, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl)),
-            ("bf16 weights, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl, cast_weights=True)),
-            (  # Triton templates tried against cuBLAS / cuDNN for every product, epilogues fused into them
+            (
                 "bf16 weights, channels-last, compile (max-autotune)",
                 lambda: accelerate_denoiser(den, "bf16", **cl, compile_mode="max-autotune-no-cudagraphs"),
             ),
@@ -568,17 +587,63 @@ def sampling_rows(dev: torch.device, peak: float, nfe: int = 20, autotune: bool 
 
 
 # ------------------------------------------------------------------------------------------------
+# group normalisation
+# ------------------------------------------------------------------------------------------------
+def norm_rows(dev: torch.device) -> Iterator[dict]:
+    """GroupNorm (32 groups) + SiLU, compiled, bf16 activations under autocast, on the CIFAR UNet's activation
+    shapes at batch 256: PyTorch's GroupNorm in NCHW and channels-last against sdeflow's (channels-last only; on
+    NCHW it is PyTorch's). Forward alone (sampling) and forward + backward (training). GB/s counts the least
+    traffic: x read twice (statistics, normalisation) and y written forward; x, dy read and dx written backward."""
+    from sdeflow.models.layers import GroupNorm
+
+    shapes = [(256, 256, 32, 32), (256, 512, 32, 32), (256, 256, 16, 16)] if not SMOKE else [(4, 64, 8, 8)]
+    cases = [("PyTorch", "NCHW"), ("PyTorch", "channels-last"), ("sdeflow", "channels-last")]
+    for i, shape in enumerate(shapes):
+        for impl, layout in cases:
+            for train in (False, True) if i == 0 else (False,):
+                torch._dynamo.reset()  # a fresh compilation per case (one code object, many shapes)
+                gn = (GroupNorm if impl == "sdeflow" else torch.nn.GroupNorm)(32, shape[1], eps=1e-6).to(dev)
+                fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+                x = torch.randn(shape, device=dev, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+                x.requires_grad_(train)
+                dy = torch.randn_like(x)
+                f = torch.compile(lambda v, m=gn: F.silu(m(v)).to(torch.bfloat16))  # bf16, as a conv takes it
+                inputs = (x, *gn.parameters())
+
+                def step(f: Callable = f, inputs: tuple = inputs, dy: torch.Tensor = dy, train: bool = train) -> None:
+                    with torch.autocast(dev.type, dtype=torch.bfloat16), torch.set_grad_enabled(train):
+                        y = f(inputs[0])
+                    if train:  # gradients returned, not accumulated into .grad (that would add traffic)
+                        torch.autograd.grad(y, inputs, dy)
+
+                m = time_steps(step, dev, 2, 20 if not SMOKE else 2, 3 if not SMOKE else 1)
+                nbytes = x.numel() * x.element_size() * (6 if train else 3)
+                yield {
+                    "part": "norm",
+                    "library": impl,
+                    "variant": f"{layout}, {'forward + backward' if train else 'forward'}, {tuple(shape)}",
+                    "shape": list(shape),
+                    "layout": layout,
+                    "pass": "forward + backward" if train else "forward",
+                    "us": m["sec"] * 1e6,
+                    "GB_per_s": nbytes / m["sec"] / 1e9,
+                    "spread": m["spread"],
+                }
+
+
+# ------------------------------------------------------------------------------------------------
 def main() -> None:
     global SMOKE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train_unet,train_dit,sample_unet")
+    ap.add_argument("--parts", default="train_unet,train_dit,sample_unet,norm")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--append", action="store_true", help="keep the other parts' rows of an earlier run")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
     ap.add_argument(
         "--rows",
         help="only these training rows, e.g. unet:sdeflow:fast,dit:diffusers:compile (model:library:variant with "
-        "variant in eager, compile, fast, autotune, coord, example); default all but autotune and coord",
+        "variant in eager, compile, fast, autotune, coord, torchgn, example); default all but autotune, coord and "
+        "torchgn",
     )
     ap.add_argument("--sample-autotune", action="store_true", help="also sample with a max-autotune compilation")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
@@ -644,8 +709,10 @@ def main() -> None:
         # long compilations: asked for with --rows
         variants += [("autotune", "compile, fast paths, max-autotune")]
         variants += [("coord", "compile, fast paths, coordinate-descent tuning")]
+        if kind == "unet":  # before the channels-last group normalisation
+            variants += [("torchgn", "compile, fast paths, PyTorch GroupNorm")]
         for key, variant in variants:
-            if key in ("autotune", "coord") and wanted is None:
+            if key in ("autotune", "coord", "torchgn") and wanted is None:
                 continue
             if selected(kind, "sdeflow", key):
                 attempt(
@@ -670,6 +737,12 @@ def main() -> None:
                 add(r)
         except Exception as e:
             add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
+    if "norm" in parts:
+        try:
+            for r in norm_rows(dev):
+                add(r)
+        except Exception as e:
+            add({"part": "norm", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
     write_reports(out, metas, rows)
 
 
@@ -680,6 +753,28 @@ def write_reports(out: Path, metas: dict, rows: list[dict]) -> None:
         "train_dit": "Training loop, DiT-B/2, 32×32×4, 1000 classes, batch 256, bf16",
         "sample_unet": "Sampling, CIFAR-size UNet, DDIM, NFE 20, batch 256 (images/s incl. copy to host)",
     }
+    norm = [r for r in rows if r["part"] == "norm"]
+    if norm:
+        m = metas["norm"]
+        lines += [
+            "## GroupNorm + SiLU, compiled, bf16, batch 256 (µs per call)",
+            "",
+            f"`{m['command']}` — {m['date']}, {m['device']}, torch {m['torch']}.",
+            "",
+            "GB/s counts the least traffic (forward: x read twice, y written; backward: x and dy read, dx written).",
+            "",
+            "| shape | pass | layout | library | µs | GB/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in norm:
+            if "error" in r:
+                lines.append(f"| error: {r['error'][:160]} |" + " |" * 5)
+                continue
+            lines.append(
+                f"| {tuple(r['shape'])} | {r['pass']} | {r['layout']} | {r['library']} | {r['us']:.0f} | "
+                f"{r['GB_per_s']:.0f} |"
+            )
+        lines.append("")
     for part, title in titles.items():
         sel = [r for r in rows if r["part"] == part]
         if not sel:

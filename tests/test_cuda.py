@@ -165,3 +165,38 @@ def test_trainer_gpu_fast_paths(tmp_path):
         tr.fit()
         assert torch.isfinite(torch.tensor(tr.losses)).all()
         assert Trainer(cfg, resume=True, progress=False).step == 6
+
+
+def test_channels_last_group_norm_compiled_on_gpu():
+    """The NHWC GroupNorm as Inductor compiles it for the GPU (the sampling and training fast path): forward
+    and gradients against PyTorch's GroupNorm in fp32, in fp32 and under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from sdeflow.models.layers import GroupNorm
+
+    torch.manual_seed(0)
+    gn = GroupNorm(32, 256, eps=1e-6).cuda()
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(8, 256, 16, 16, device="cuda") * 2 + 5 * torch.randn(1, 256, 1, 1, device="cuda")
+    dy = torch.randn_like(x)
+    ref_in = x.clone().requires_grad_(True)
+    ref = F.group_norm(ref_in, 32, gn.weight, gn.bias, 1e-6)
+    ref_grads = torch.autograd.grad(ref, (ref_in, gn.weight, gn.bias), dy)
+    compiled = torch.compile(lambda v: gn(v))
+    for fn, tol in ((gn, 1e-4), (compiled, 1e-4)):
+        for dtype in (torch.float32, torch.bfloat16):
+            xin = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                y = fn(xin)
+            assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+            grads = torch.autograd.grad(y, (xin, gn.weight, gn.bias), dy)
+            if dtype == torch.bfloat16:  # the bf16 input rounding (2⁻⁸ relative to |x| ≈ 5–10) bounds the error
+                ref_b = F.group_norm(x.bfloat16().float(), 32, gn.weight, gn.bias, 1e-6)
+                torch.testing.assert_close(y, ref_b, rtol=1e-4, atol=1e-4)
+                assert float((grads[0].float() - ref_grads[0]).abs().max()) < 0.05 * float(ref_grads[0].abs().max())
+                continue
+            torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+            for a, b in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))

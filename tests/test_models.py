@@ -114,6 +114,54 @@ def test_unet_attention_hands_the_fused_kernels_a_contiguous_head_dim(monkeypatc
     torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 6, 5), (2, 32, 8, 8), (2, 8, 4, 4)])
+def test_channels_last_group_norm_matches_pytorch(shape):
+    """sdeflow's GroupNorm on NHWC activations: per-channel statistics merged by the law of total variance give
+    PyTorch's group normalisation (values and gradients), keep the layout, and leave NCHW inputs to PyTorch."""
+    import torch.nn.functional as F
+
+    from sdeflow.models.layers import GroupNorm
+
+    g = torch.Generator().manual_seed(0)
+    gn = GroupNorm(min(32, shape[1] // 2), shape[1], eps=1e-6)
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(shape[1], generator=g))
+        gn.bias.copy_(torch.randn(shape[1], generator=g))
+    # channel means far apart within a group: the merge must not cancel
+    x = torch.randn(shape, generator=g) * 3 + 20 * torch.randn(1, shape[1], 1, 1, generator=g)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    dy = torch.randn(shape, generator=g)
+    y = gn(x_cl)
+    ref = F.group_norm(x_ref, gn.num_groups, gn.weight, gn.bias, gn.eps)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y, (x_cl, gn.weight, gn.bias), dy)
+    grads_ref = torch.autograd.grad(ref, (x_ref, gn.weight, gn.bias), dy)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    # under bf16 autocast: computed in fp32 from the bf16 input, fp32 out (CUDA autocast's GroupNorm policy)
+    xb = x_cl.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = gn(xb)
+    assert yb.dtype == torch.float32
+    torch.testing.assert_close(yb, F.group_norm(xb.float(), gn.num_groups, gn.weight, gn.bias, gn.eps))
+    # NCHW: PyTorch's own kernel, bit for bit; and the state dict is nn.GroupNorm's
+    assert torch.equal(gn(x), F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps))
+    plain = torch.nn.GroupNorm(gn.num_groups, shape[1], eps=1e-6)
+    plain.load_state_dict(gn.state_dict())
+
+
+def test_channels_last_unet_matches_nchw():
+    """The whole UNet in NHWC (the GPU fast path) computes what it computes in NCHW."""
+    m = _randomize(_tiny_models()["unet"]).eval()
+    x, c = _input("unet"), torch.randn(4)
+    ref = m(x, c)
+    m.to(memory_format=torch.channels_last)
+    out = m(x.contiguous(memory_format=torch.channels_last), c)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_sdpa_matches_reference_attention():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 37, 16, generator=g) for _ in range(3))

@@ -5,11 +5,11 @@ from typing import Any
 from torch import nn
 
 from .dit import DiT
-from .layers import attention, attention_reference
+from .layers import GroupNorm, attention, attention_reference
 from .mlp import MLP
 from .unet import UNet
 
-__all__ = ["MLP", "DiT", "UNet", "attention", "attention_reference", "build_model"]
+__all__ = ["MLP", "DiT", "GroupNorm", "UNet", "attention", "attention_reference", "build_model"]
 
 
 def build_model(kind: str, **kwargs: Any) -> nn.Module:

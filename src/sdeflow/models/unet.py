@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LabelEmbedding, NoiseEmbedding, attention
+from .layers import GroupNorm, LabelEmbedding, NoiseEmbedding, attention
 
 __all__ = ["UNet", "UNetBlock"]
 
@@ -32,8 +32,8 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def _group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) if channels >= 4 else 1, channels, eps=eps)
+def _group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
+    return GroupNorm(min(32, channels // 4) if channels >= 4 else 1, channels, eps=eps)
 
 
 class UNetBlock(nn.Module):
