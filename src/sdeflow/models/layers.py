@@ -199,9 +199,11 @@ def group_norm_channels_last(
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) that keeps channels-last activations channels-last.
 
-    Channels-last 4-D inputs go through :func:`group_norm_channels_last`; others through ``F.group_norm``. In
-    the CIFAR-size UNet's compiled bf16 sampling on an H100, PyTorch's GroupNorm on NHWC activations became
-    transposing Triton kernels that took a third of the kernel time."""
+    Channels-last 4-D inputs go through :func:`group_norm_channels_last`; others through ``F.group_norm``. With
+    the CIFAR-size UNet compiled in bf16 on an H100 (``benchmarks/gpu_speed.py``), PyTorch's GroupNorm on NHWC
+    activations cost 287 ms of Triton kernels per sampling batch (this one: 202 ms), and in training cuDNN's
+    convolution backward copied the gradients it produced into the layout it wanted, 12.9 ms of a 66.7 ms step
+    (this one: 1.3 ms)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
