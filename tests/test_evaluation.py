@@ -221,6 +221,5 @@ def test_evaluate_samplers_draws_the_real_subset_at_random_not_the_first_n():
     ref = {"id": FeatureStats.of(real)}
     rows = evaluate_samplers(gm, EDMProcess(), (2,), ["heun"], [39], 400, ident, ref, real_features={"id": real})
     (row,) = rows
-    print(row)
     assert row["precision_id"] > 0.85 and row["recall_id"] > 0.85
     assert row["fd_id"] < 0.1

@@ -105,8 +105,8 @@ class Trainer:
         ):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
+        if t.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {sorted(PRECISIONS)}, got '{t.precision}'")
         if t.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"train.attention_backend must be one of {ATTENTION_BACKENDS}, got '{t.attention_backend}'"
