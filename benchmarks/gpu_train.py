@@ -111,7 +111,7 @@ def grids(name: str, ckpt: Path, out: Path, dev: str, nfe: int = 10) -> Path:
     from PIL import Image, ImageDraw
 
     from sdeflow.cli import main as cli
-    from sdeflow.samplers import steps_for_nfe
+    from sdeflow.sampling.samplers import steps_for_nfe
 
     panels = []
     for s in SAMPLERS:
@@ -230,7 +230,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     inception = args.inception_weights
     if inception is None and not args.no_fid:
-        from sdeflow.inception import default_weights_path
+        from sdeflow.evaluation.inception import default_weights_path
 
         found = default_weights_path()
         inception = str(found) if found else None

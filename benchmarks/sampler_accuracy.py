@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from sdeflow import EDMProcess, FlowProcess, GaussianMixture
-from sdeflow.metrics import sliced_wasserstein
-from sdeflow.samplers import steps_for_nfe
+from sdeflow.evaluation.metrics import sliced_wasserstein
 from sdeflow.sampling import sample
+from sdeflow.sampling.samplers import steps_for_nfe
 
 NFES = (5, 10, 20, 50, 100, 1000)
 OURS = {  # name -> (sampler, process, options)

@@ -67,7 +67,7 @@ def test_training_on_gpu(config, extra, tmp_path):
 )
 def test_samplers_on_gpu_match_cpu(sampler):
     from sdeflow import EDMProcess, GaussianMixture, sample
-    from sdeflow.metrics import sliced_wasserstein
+    from sdeflow.evaluation.metrics import sliced_wasserstein
 
     gm = GaussianMixture.grid_2d(3, 1.0, 0.1)
     gpu = sample(gm.to("cuda"), (4000, 2), EDMProcess(), sampler, steps=30, seed=0, device="cuda")
@@ -83,8 +83,8 @@ def test_samplers_on_gpu_match_cpu(sampler):
 
 def test_guidance_likelihood_and_discrete_schedule_on_gpu():
     from sdeflow import GaussianMixture, VPDiscreteProcess, sample
-    from sdeflow.guidance import ClassifierFreeGuidance
-    from sdeflow.likelihood import log_likelihood
+    from sdeflow.sampling.guidance import ClassifierFreeGuidance
+    from sdeflow.sampling.likelihood import log_likelihood
 
     gm = GaussianMixture.random(4, 2, std=0.2, num_classes=2, seed=3).to("cuda")
     r = sample(
@@ -104,7 +104,7 @@ def test_guidance_likelihood_and_discrete_schedule_on_gpu():
 
 
 def test_inception_on_gpu_matches_cpu():
-    from sdeflow.inception import FIDInceptionV3
+    from sdeflow.evaluation.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     net = FIDInceptionV3().eval()
@@ -161,7 +161,7 @@ def test_trainer_gpu_fast_paths(tmp_path):
             ],
         )
         tr = Trainer(cfg, progress=False)
-        assert tr.opt.defaults.get("fused") is True
+        assert tr.optimizers["model"].defaults.get("fused") is True
         tr.fit()
         assert torch.isfinite(torch.tensor(tr.losses)).all()
         assert Trainer(cfg, resume=True, progress=False).step == 6

@@ -8,7 +8,7 @@ import torch
 
 from sdeflow import FlowProcess, GaussianMixture, VPDiscreteProcess
 from sdeflow.interop import run_diffusers_scheduler
-from sdeflow.samplers import ddim, dpmpp_2m, euler, flow_euler, heun
+from sdeflow.sampling.samplers import ddim, dpmpp_2m, euler, flow_euler, heun
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: pip install -e '.[dev]'")
 
@@ -43,7 +43,7 @@ def test_ddim_matches_diffusers():
 
 
 def _our_leading(proc, n):
-    from sdeflow.schedules import ddpm_discrete
+    from sdeflow.sampling.schedules import ddpm_discrete
 
     return ddpm_discrete(n, proc, "leading")
 
@@ -76,7 +76,7 @@ def test_sigma_space_schedulers_match_diffusers(name, cls, ours, first):
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_euler_matches_flow_match_euler(shift):
     proc = FlowProcess(shift=shift)
-    from sdeflow.schedules import flow_shifted
+    from sdeflow.sampling.schedules import flow_shifted
 
     sigmas = flow_shifted(12, proc)
     t = proc.t_of_sigma(sigmas[:-1])
@@ -92,7 +92,7 @@ def test_flow_euler_matches_flow_match_euler(shift):
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_heun_matches_flow_match_heun(shift):
     """flow_heun (what sample() runs for 'heun' on a flow) is diffusers' FlowMatchHeunDiscreteScheduler."""
-    from sdeflow.samplers import flow_heun
+    from sdeflow.sampling.samplers import flow_heun
 
     sch = diffusers.FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sch.set_timesteps(8)

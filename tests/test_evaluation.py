@@ -8,9 +8,9 @@ import torch
 
 from sdeflow import GaussianMixture
 from sdeflow.evaluation import FeatureStats, frechet_distance, precision_recall
-from sdeflow.inception import FIDInceptionV3, default_weights_path, load_fid_inception
-from sdeflow.likelihood import bits_per_dim, dequantize, log_likelihood
-from sdeflow.metrics import mmd2, sliced_wasserstein
+from sdeflow.evaluation.inception import FIDInceptionV3, default_weights_path, load_fid_inception
+from sdeflow.evaluation.metrics import mmd2, sliced_wasserstein
+from sdeflow.sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 
 
 def test_ode_likelihood_matches_closed_form_with_exact_divergence():
@@ -114,7 +114,7 @@ def test_inception_loads_standard_state_dict_and_maps_to_2048_features(tmp_path)
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         load_fid_inception(tmp_path / "missing.pt")
     # the half-precision copy for size-limited transfers loads back as float32, weights rounded to fp16
-    from sdeflow.inception import export_half_precision
+    from sdeflow.evaluation.inception import export_half_precision
 
     half = load_fid_inception(export_half_precision(tmp_path / "fid16.safetensors", tmp_path / "inception.pt"))
     w = half.state_dict()["layers.conv.weight"]

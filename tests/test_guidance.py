@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from sdeflow import EDMProcess, FlowProcess, GaussianMixture, sample
-from sdeflow.guidance import ClassifierFreeGuidance, ClassifierGuidance, train_noisy_classifier
-from sdeflow.metrics import sliced_wasserstein
-from sdeflow.samplers import ddim, dpmpp_2m, flow_euler, heun
-from sdeflow.schedules import flow_shifted, karras
+from sdeflow.evaluation.metrics import sliced_wasserstein
+from sdeflow.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance, train_noisy_classifier
+from sdeflow.sampling.samplers import ddim, dpmpp_2m, flow_euler, heun
+from sdeflow.sampling.schedules import flow_shifted, karras
 
 # 3×3 grid, classes by column: class c = the three components with x-coordinate index c
 GM = GaussianMixture(
@@ -146,9 +146,9 @@ def test_class_conditional_digits_model_generates_requested_class(tmp_path):
     rates = {}
     for w in (1.0, 2.0):
         res = sample(
-            ClassifierFreeGuidance(tr.ema_denoiser(), w),
+            ClassifierFreeGuidance(tr.objective.ema_denoiser(), w),
             (200, 1, 8, 8),
-            tr.recipe.process,
+            tr.objective.recipe.process,
             "heun",
             steps=12,
             cond=labels,

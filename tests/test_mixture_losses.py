@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sdeflow import GaussianMixture, denoising_loss, loss_weight, recipe, sample_sigma
-from sdeflow.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
-from sdeflow.process import EDMProcess, FlowProcess, VPDiscreteProcess, VPLinearProcess
+from sdeflow.core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
+from sdeflow.core.process import EDMProcess, FlowProcess, VPDiscreteProcess, VPLinearProcess
 
 
 @pytest.fixture(params=["isotropic", "diagonal"])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sdeflow import PARAMETERIZATIONS, Denoiser, GaussianMixture, coefficients, convert
-from sdeflow.process import EDMProcess, FlowProcess, VEProcess, VPDiscreteProcess, VPLinearProcess
+from sdeflow.core.process import EDMProcess, FlowProcess, VEProcess, VPDiscreteProcess, VPLinearProcess
 
 PROCS = [VPDiscreteProcess(), VPLinearProcess(), VEProcess(), EDMProcess(), FlowProcess()]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdeflow import get_process
-from sdeflow.process import (
+from sdeflow.core.process import (
     EDMProcess,
     FlowProcess,
     VEProcess,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sdeflow import EDMProcess, FlowProcess, GaussianMixture, VPDiscreteProcess, VPLinearProcess
-from sdeflow.metrics import sliced_wasserstein
-from sdeflow.samplers import SAMPLERS, ddim, ddpm, heun, steps_for_nfe
+from sdeflow.evaluation.metrics import sliced_wasserstein
 from sdeflow.sampling import sample
-from sdeflow.schedules import ddpm_discrete, karras
+from sdeflow.sampling.samplers import SAMPLERS, ddim, ddpm, heun, steps_for_nfe
+from sdeflow.sampling.schedules import ddpm_discrete, karras
 
 N = 4000
 GM = GaussianMixture.grid_2d(3, 1.0, 0.1)
@@ -90,7 +90,7 @@ def test_heun_is_second_order():
     print("Heun errors", errs, "ratios", ratios)
     assert all(3.0 < r < 5.5 for r in ratios[1:]), ratios
     # Euler for comparison is first order
-    from sdeflow.samplers import euler
+    from sdeflow.sampling.samplers import euler
 
     e = [float((euler(gm, x0, karras(n, 0.002, 20.0)) - reference).norm()) for n in (64, 128)]
     assert 1.6 < e[0] / e[1] < 2.6
@@ -130,7 +130,7 @@ def test_ddim_eta1_equals_ddpm_ancestral():
 def test_nfe_accounting():
     for name, steps in (("heun", 10), ("pc", 10), ("dpmpp_2m", 10), ("unipc", 10)):
         r = sample(GM, (8, 2), EDMProcess(), name, steps=steps, seed=0)
-        from sdeflow.samplers import nfe_per_steps
+        from sdeflow.sampling.samplers import nfe_per_steps
 
         assert r.nfe == nfe_per_steps(name, steps)
     assert steps_for_nfe("heun", 10) == 5 and steps_for_nfe("euler", 10) == 10 and steps_for_nfe("pc", 10) == 5
@@ -259,8 +259,8 @@ def test_bf16_weights_under_autocast_match_fp32_to_bf16_rounding(kind, kwargs, s
 def test_heun_on_a_flow_runs_in_flow_time_and_is_second_order():
     """σ-space Heun is ill-conditioned on a flow's grid (σ_0 ≈ 10⁴): measured SW2 2.07 at 5 steps and 0.53 at
     10, against Euler's 0.15 / 0.09. sample() therefore runs 'heun' on flows as flow_heun (the trapezoid in t)."""
-    from sdeflow.samplers import edm_stochastic
-    from sdeflow.schedules import get_schedule
+    from sdeflow.sampling.samplers import edm_stochastic
+    from sdeflow.sampling.schedules import get_schedule
 
     flow = FlowProcess()
     err_heun, r = _err("heun", 5, process=flow)
@@ -287,7 +287,7 @@ def test_heun_on_a_flow_runs_in_flow_time_and_is_second_order():
 def test_float32_sampling_on_a_flow_matches_float64(name):
     """A flow's grid starts at σ ≈ 10⁴ (t = 1 − 10⁻⁴), where float32 cancellation once cost flow_euler a mean
     error of 0.12 (max 0.46) on these samples; every deterministic sampler must now agree with float64."""
-    from sdeflow.schedules import get_schedule
+    from sdeflow.sampling.schedules import get_schedule
 
     flow = FlowProcess()
     sig = get_schedule("flow", 5, flow)

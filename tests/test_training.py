@@ -43,7 +43,7 @@ def _cfg(tmp_path, *extra, name="run"):
 
 
 def _weights(trainer):
-    return {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    return {k: v.clone() for k, v in trainer.objective.net.state_dict().items()}
 
 
 def test_kill_and_resume_is_bitwise_identical(tmp_path):
@@ -60,7 +60,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert a.losses == b.losses  # bitwise
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert all(torch.equal(x, y) for x, y in zip(a.ema.model.parameters(), b.ema.model.parameters()))
+    ema_a, ema_b = a.objective.ema.model, b.objective.ema.model
+    assert all(torch.equal(x, y) for x, y in zip(ema_a.parameters(), ema_b.parameters()))
     assert (tmp_path / "a" / "loss.png").is_file() and (tmp_path / "a" / "samples.png").is_file()
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
 
@@ -112,16 +113,16 @@ def test_corrupted_checkpoints_are_refused(tmp_path, capsys):
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     tr = Trainer(_cfg(tmp_path, "train.grad_accum=1"), progress=False)
-    orig = tr._batch
+    orig = tr.stream.batch
 
-    def poisoned(step, micro):
-        x0, y, s, n = orig(step, micro)
+    def poisoned(step, micro, phase=0):
+        batch = orig(step, micro, phase)
         if step >= 5:  # data turns bad after step 5: the loss of step 6 is NaN
-            x0 = x0.clone()
-            x0[0, 0, 0, 0] = float("nan")
-        return x0, y, s, n
+            batch.x = batch.x.clone()
+            batch.x[0, 0, 0, 0] = float("nan")
+        return batch
 
-    tr._batch = poisoned
+    tr.stream.batch = poisoned
     with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 6.*step_00000004"):
         tr.fit()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
@@ -148,7 +149,10 @@ def _ddp_worker(rank, world, port, out, overrides):
     tr = Trainer(cfg, progress=False)
     tr.fit()
     if rank == 0:
-        torch.save({"weights": tr.net.state_dict(), "losses": tr.losses, "ema": tr.ema.model.state_dict()}, out)
+        torch.save(
+            {"weights": tr.objective.net.state_dict(), "losses": tr.losses, "ema": tr.objective.ema.model.state_dict()},
+            out,
+        )
     tr.close()
     assert not dist.is_initialized()
 
@@ -176,7 +180,7 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     ddp = torch.load(out, weights_only=True)
     single = Trainer(load_config(None, [*overrides[1:], f"out_dir={tmp_path / 'single'}"]), progress=False)
     single.fit()
-    for k, v in single.net.state_dict().items():
+    for k, v in single.objective.net.state_dict().items():
         torch.testing.assert_close(ddp["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
 
@@ -236,15 +240,15 @@ def test_channels_last_training_matches_and_checkpoints(tmp_path):
     a = Trainer(_cfg(tmp_path, "train.steps=4", name="a"), progress=False)
     a.fit()
     b = Trainer(_cfg(tmp_path, "train.steps=4", "train.channels_last=true", name="b"), progress=False)
-    conv = next(m for m in b.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    conv = next(m for m in b.objective.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x0 = b._batch(0, 0)[0]
+    x0 = b.stream.batch(0, 0).x
     assert x0.is_contiguous(memory_format=torch.channels_last)
     b.fit()
     torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-4, atol=1e-6)
     c = Trainer(_cfg(tmp_path, "train.steps=4", "train.channels_last=true", name="b"), resume=True, progress=False)
     assert c.step == 4
-    assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(b.objective.net.parameters(), c.objective.net.parameters()))
 
 
 def _fake_cifar(root: Path) -> Path:

@@ -2,15 +2,22 @@
 
 Every forward process is x_t = s(t)·(x0 + σ(t)·ε); every network is wrapped into one denoiser
 D(x, σ, cond); losses, samplers, guidance and likelihood are written once against it.
+
+Layers, bottom up: ``core`` (processes, preconditioning, losses, the mixture oracle), ``models``, ``data``,
+``config`` and ``builders`` (config → objects, :func:`load`), ``sampling``, ``evaluation``, ``training``, ``cli``.
+Importing ``sdeflow`` loads no training code.
 """
 
-from .losses import Recipe, denoising_loss, loss_weight, recipe, sample_sigma
-from .mixture import NULL_LABEL, GaussianMixture
-from .preconditioning import PARAMETERIZATIONS, Denoiser, coefficients, convert
-from .process import (
+from ._moved import install as _install_moved_modules
+from .builders import LoadedModel, load
+from .core.losses import Recipe, denoising_loss, loss_weight, recipe, sample_sigma
+from .core.mixture import NULL_LABEL, GaussianMixture
+from .core.preconditioning import PARAMETERIZATIONS, Denoiser, coefficients, convert
+from .core.process import (
     EDMProcess,
     FlowProcess,
     Process,
+    SubVPProcess,
     VEProcess,
     VPCosineProcess,
     VPDiscreteProcess,
@@ -21,6 +28,8 @@ from .process import (
 from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, cast_network_weights, sample
 
 __version__ = "0.1.0"
+_install_moved_modules()
+
 
 __all__ = [
     "NULL_LABEL",
@@ -30,9 +39,11 @@ __all__ = [
     "EDMProcess",
     "FlowProcess",
     "GaussianMixture",
+    "LoadedModel",
     "Process",
     "Recipe",
     "SampleResult",
+    "SubVPProcess",
     "VEProcess",
     "VPCosineProcess",
     "VPDiscreteProcess",
@@ -43,6 +54,7 @@ __all__ = [
     "convert",
     "denoising_loss",
     "get_process",
+    "load",
     "loss_weight",
     "recipe",
     "sample",

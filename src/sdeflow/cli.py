@@ -30,24 +30,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def load_model_from_checkpoint(path: str | Path, ema: bool = True, device: str = "cpu"):
-    """(denoiser, recipe, data_shape, num_classes, config) from a checkpoint folder written by the trainer."""
-    from .checkpoint import load_checkpoint, load_weights
-    from .config import config_from_dict
-    from .training import build_denoiser, build_network, build_recipe
+    """(denoiser, recipe, data_shape, num_classes, config) of a checkpoint; :func:`sdeflow.load` returns more."""
+    from .builders import load
 
-    ck = load_checkpoint(path)
-    cfg = config_from_dict(ck["meta"]["config"])
-    shape = tuple(ck["meta"]["data_shape"])
-    net = build_network(cfg.model, shape)
-    which = "ema" if ema else "model"
-    load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
-    r = build_recipe(cfg.diffusion)
-    return build_denoiser(net.to(device).eval(), r, cfg.diffusion), r, shape, cfg.model.num_classes, cfg
+    m = load(path, ema, device)
+    return m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
 
 
 def _accelerated(model, den, args: argparse.Namespace):
     """``model`` (``den`` or a guidance wrapper around it) with the speed options of ``args``."""
-    from .sampling import PRECISIONS, accelerate_denoiser
+    from .config import PRECISIONS
+    from .sampling import accelerate_denoiser
 
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
         raise SystemExit("error: --cuda-graphs needs --device cuda")
@@ -65,7 +58,9 @@ def _accelerated(model, den, args: argparse.Namespace):
 
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network precision")
+    from .config import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="network precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the denoiser from CUDA graphs")
     p.add_argument(
@@ -95,7 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
             else torch.arange(args.n) % num_classes
         ).to(args.device)
     if args.cfg is not None:
-        from .guidance import ClassifierFreeGuidance
+        from .sampling.guidance import ClassifierFreeGuidance
 
         interval = tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else None
         model = ClassifierFreeGuidance(den, args.cfg, interval)
@@ -125,7 +120,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .evaluation import digits_demo_metrics
+    from .demo import digits_demo_metrics
     from .training import Trainer
 
     cfg_path = resources.files("sdeflow") / "demo.yaml"
@@ -147,12 +142,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import build_dataset
-    from .evaluation import FeatureStats, cached_classifier, evaluate_samplers, write_eval_report
+    from .evaluation import evaluate_samplers, feature_spaces, write_eval_report
 
     den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
     model = den
     if args.cfg is not None:
-        from .guidance import ClassifierFreeGuidance
+        from .sampling.guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(den, args.cfg)
     model = _accelerated(model, den, args)
@@ -160,31 +155,9 @@ def _eval(args: argparse.Namespace) -> int:
     if not hasattr(ds, "x") or len(shape) != 3:
         raise SystemExit("error: sdeflow eval needs an image dataset held in memory")
     cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
-    feature_fns, reference, real = {}, {}, {}
-    if int(ds.y.max()) >= 0:
-        clf, stats = cached_classifier(ds.x, ds.y, cache, cfg.data.name.replace(":", "_"), args.device)
-        feature_fns["classifier"] = clf.batched
-        reference["classifier"] = stats
-        real["classifier"] = clf.batched(ds.x)
-    if args.fid:
-        from .inception import load_fid_inception
-
-        net = load_fid_inception(args.inception_weights, args.device)
-
-        def inception(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return torch.cat(
-                    [net(((x[i : i + 100] + 1) / 2).to(args.device)).double().cpu() for i in range(0, len(x), 100)]
-                )
-
-        feature_fns["inception"] = inception
-        sfile = cache / f"{cfg.data.name.replace(':', '_')}_inception_stats.npz"
-        if sfile.is_file():
-            reference["inception"] = FeatureStats.load(sfile)
-        else:
-            reference["inception"] = FeatureStats.of(inception(ds.x))
-            cache.mkdir(parents=True, exist_ok=True)
-            reference["inception"].save(sfile)
+    feature_fns, reference, real = feature_spaces(
+        ds.x, ds.y, cache, cfg.data.name, args.device, args.fid, args.inception_weights
+    )
     if not feature_fns:
         raise SystemExit("error: no feature space: the dataset has no labels for the classifier; pass --fid")
     rows = evaluate_samplers(
@@ -218,7 +191,7 @@ def _nll(args: argparse.Namespace) -> int:
 
     from .config import DataConfig
     from .data import build_dataset
-    from .likelihood import bits_per_dim, dequantize, log_likelihood
+    from .sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 
     den, r, shape, _num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
     data_cfg = DataConfig(**{**cfg.data.__dict__, "split": args.split})
@@ -254,6 +227,8 @@ def _nll(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling import SCHEDULES, SPECS
+
     p = argparse.ArgumentParser(prog="sdeflow", description="Train, sample and evaluate diffusion and flow models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -273,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample from a checkpoint: PNG grid and .npz")
     s.add_argument("checkpoint")
-    s.add_argument("--sampler")
+    s.add_argument("--sampler", choices=list(SPECS), help="default: the config's sample.sampler")
     s.add_argument("--steps", type=int)
-    s.add_argument("--schedule")
+    s.add_argument("--schedule", choices=list(SCHEDULES), help="default: the sampler's own grid")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples")

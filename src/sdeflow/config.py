@@ -14,9 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 __all__ = [
+    "COMPILE_MODES",
+    "EMA_KINDS",
+    "LR_SCHEDULES",
+    "MODEL_KINDS",
+    "ON_ERROR",
+    "OPTIMIZERS",
+    "PRECISIONS",
     "ConfigError",
     "DataConfig",
     "DiffusionConfig",
@@ -28,7 +36,18 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "save_config",
+    "validate",
 ]
+
+# Allowed values of the fields below. Values that another module owns (recipes, samplers, schedules, processes,
+# parameterizations, datasets, attention backends) are checked against that module's own table in ``validate``.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_SCHEDULES = ("constant", "cosine", "linear")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+EMA_KINDS = ("fixed", "power", "none")
+MODEL_KINDS = ("mlp", "unet", "dit")
+ON_ERROR = ("skip", "raise")
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "radam": "RAdam", "adagrad": "Adagrad"}
 
 
 class ConfigError(ValueError):
@@ -42,13 +61,13 @@ class DataConfig:
     resolution: int | None = None  # resize (images) / upsample (digits)
     num_samples: int = 20000  # toys
     split: str = "train"
-    on_error: str = "skip"  # image folders: 'skip' or 'raise' on unreadable files
+    on_error: str = "skip"  # ON_ERROR: image folders skip or refuse unreadable files
     horizontal_flip: bool = False
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # mlp | unet | dit
+    kind: str = "unet"  # MODEL_KINDS
     preset: str | None = "small"
     num_classes: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +87,7 @@ class DiffusionConfig:
 
 @dataclass
 class EMAConfig:
-    kind: str = "fixed"  # fixed | power (EDM2) | none
+    kind: str = "fixed"  # EMA_KINDS: fixed, power (EDM2) or none
     decay: float = 0.999
     std: float = 0.05  # EDM2 relative std of the power-function profile
     start_step: int = 0
@@ -79,22 +98,22 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-4
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # a key of OPTIMIZERS or any torch.optim class name
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine | linear
+    lr_schedule: str = "constant"  # LR_SCHEDULES
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     ema: EMAConfig = field(default_factory=EMAConfig)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # PRECISIONS
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    compile_mode: str = "default"  # COMPILE_MODES (torch.compile's)
     # Inductor options for torch.compile instead of a mode, e.g. {coordinate_descent_tuning: true}
     compile_options: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False  # NHWC activations for convolutional networks on the GPU
     fused_optimizer: bool = True  # one fused kernel for the optimizer step on the GPU (Adam, AdamW, SGD)
-    attention_backend: str = "auto"  # auto (cuDNN on Hopper) | default | cudnn | flash | efficient | math
+    attention_backend: str = "auto"  # sdeflow.models.layers.ATTENTION_BACKENDS; auto: cuDNN on Hopper
     label_dropout: float = 0.0
     num_workers: int = 0
     device: str = "auto"
@@ -193,9 +212,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Types checked while reading, then every value checked against its allowed values (:func:`validate`)."""
     if not isinstance(data, dict):
         raise ConfigError("a config must be a YAML mapping at the top level")
-    return _from_dict(ExperimentConfig, data)
+    return validate(_from_dict(ExperimentConfig, data))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -232,3 +252,79 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The torch optimizer ``train.optimizer`` names: a key of :data:`OPTIMIZERS` or a ``torch.optim`` class."""
+    cls = getattr(torch.optim, OPTIMIZERS.get(name.lower(), name), None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise ConfigError(f"train.optimizer: unknown torch optimizer '{name}'")
+    return cls
+
+
+def _one_of(key: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check every value against its allowed values before anything is built or trained; the error names the
+    key. Returns ``cfg``. Checks that need the run's world size (batch divisibility by it) stay with the trainer."""
+    from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
+    from .core.preconditioning import PARAMETERIZATIONS
+    from .core.process import PROCESSES
+    from .data import check_data_config
+    from .models.layers import ATTENTION_BACKENDS
+    from .sampling.samplers import SPECS
+    from .sampling.schedules import SCHEDULES
+
+    t, d, s = cfg.train, cfg.diffusion, cfg.sample
+    for key, value in (
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("sample.steps", s.steps),
+        ("sample.n", s.n),
+    ):
+        _at_least(key, value, 1)
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.attention_backend", t.attention_backend, ATTENTION_BACKENDS)
+    _one_of("train.compile_mode", t.compile_mode, COMPILE_MODES)
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _one_of("train.ema.kind", t.ema.kind, EMA_KINDS)
+    if t.ema.kind == "fixed" and not 0 <= t.ema.decay < 1:
+        raise ConfigError(f"train.ema.decay must lie in [0, 1), got {t.ema.decay}")
+    if not 0 <= t.label_dropout < 1:
+        raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
+    optimizer_class(t.optimizer)
+    if t.compile_options:
+        if t.compile_mode != "default":
+            raise ConfigError("train.compile_options exclude a train.compile_mode other than default")
+        from torch._inductor import list_options
+
+        unknown = sorted(set(t.compile_options) - set(list_options()))
+        if unknown:
+            raise ConfigError(f"train.compile_options: unknown Inductor option(s) {unknown}")
+    _one_of("model.kind", cfg.model.kind, MODEL_KINDS)
+    _at_least("model.num_classes", cfg.model.num_classes, 0)
+    _one_of("diffusion.recipe", d.recipe, RECIPES)
+    for key, value, allowed in (
+        ("diffusion.process", d.process, PROCESSES),
+        ("diffusion.parameterization", d.parameterization, PARAMETERIZATIONS),
+        ("diffusion.sigma_sampling", d.sigma_sampling, SIGMA_SAMPLERS),
+        ("diffusion.weighting", d.weighting, WEIGHTINGS),
+        ("sample.schedule", s.schedule, SCHEDULES),
+    ):
+        if value is not None:
+            _one_of(key, value, allowed)
+    _one_of("sample.sampler", s.sampler, SPECS)
+    _one_of("data.on_error", cfg.data.on_error, ON_ERROR)
+    check_data_config(cfg.data)
+    return cfg

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .preconditioning import DenoiserFn
+from .core.preconditioning import DenoiserFn
 
 __all__ = ["run_diffusers_scheduler"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .images import (
     ArrayImageDataset,
     ImageFolderDataset,
@@ -24,6 +24,7 @@ __all__ = [
     "ImageFolderDataset",
     "ToyDataset",
     "build_dataset",
+    "check_data_config",
     "load_cifar",
     "load_digits",
     "load_idx",
@@ -47,10 +48,21 @@ DATASETS = (
 )
 
 
+PATH_DATASETS = ("image_folder", "cifar10", "cifar100", "mnist_idx", "fashion_mnist_idx", "npz")
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse an unknown ``data.name`` or a missing ``data.path`` before anything is loaded."""
+    known = cfg.name[4:] in TOYS if cfg.name.startswith("toy:") else cfg.name in ("digits", "mnist", *PATH_DATASETS)
+    if not known:
+        raise ConfigError(f"unknown dataset '{cfg.name}' (data.name); choose one of {DATASETS}, toys: {sorted(TOYS)}")
+    if cfg.name in PATH_DATASETS and not cfg.path:
+        raise ConfigError(f"data.path is required for dataset '{cfg.name}'")
+
+
 def _need_path(cfg: DataConfig) -> str:
-    if not cfg.path:
-        raise ValueError(f"data.path is required for dataset '{cfg.name}'")
-    return cfg.path
+    check_data_config(cfg)
+    return cfg.path  # type: ignore[return-value]
 
 
 def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:

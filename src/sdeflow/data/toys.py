@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..mixture import GaussianMixture
+from ..core.mixture import GaussianMixture
 
 __all__ = ["TOYS", "ToyDataset", "make_toy"]
 

@@ -251,7 +251,7 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
         sd = torch.load(path, map_location="cpu", weights_only=True)
     sd = {k.removeprefix("net."): v.float() for k, v in sd.items()}
     model = FIDInceptionV3()
-    from .checkpoint import load_weights
+    from ..checkpoint import load_weights
 
     load_weights(model, sd, str(path))
     return model.eval().requires_grad_(False).to(device)

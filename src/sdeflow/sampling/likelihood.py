@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .preconditioning import DenoiserFn
+from ..core.preconditioning import DenoiserFn
 
 __all__ = ["LikelihoodResult", "bits_per_dim", "dequantize", "log_likelihood"]
 

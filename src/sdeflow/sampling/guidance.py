@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .mixture import NULL_LABEL
-from .preconditioning import DenoiserFn, pad_dims
+from ..core.mixture import NULL_LABEL
+from ..core.preconditioning import DenoiserFn, pad_dims
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "train_noisy_classifier"]
 
@@ -89,21 +90,13 @@ def train_noisy_classifier(
 ):
     """Train a :class:`~sdeflow.models.classifier.NoisyClassifier` on noisy data x̃ = x0 + σ ε with
     ln σ ~ U(ln σ_min, ln σ_max) (every noise level a sampler visits), by cross-entropy on the labels."""
-    import math
+    from ..models.classifier import NoisyClassifier, fit_classifier
 
-    from .models.classifier import NoisyClassifier
-
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    clf = NoisyClassifier(tuple(x.shape[1:]), int(y.max()) + 1, **classifier_kwargs).to(device)
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr)
     lo, hi = math.log(sigma_min), math.log(sigma_max)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=g))
-        xb = x[idx] + pad_dims(sigma, x[idx]) * torch.randn(x[idx].shape, generator=g)
-        loss = torch.nn.functional.cross_entropy(clf(xb.to(device), sigma.to(device)), y[idx].to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return clf.eval()
+
+    def noised(xb: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        sigma = torch.exp(lo + (hi - lo) * torch.rand(len(xb), generator=g))
+        return xb + pad_dims(sigma, xb) * torch.randn(xb.shape, generator=g), sigma
+
+    clf = NoisyClassifier(tuple(x.shape[1:]), int(y.max()) + 1, **classifier_kwargs)
+    return fit_classifier(clf, x, y, steps, batch, lr, seed, device, weight_decay=0.01, inputs=noised)

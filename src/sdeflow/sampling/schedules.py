@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .process import FlowProcess, Process, VPDiscreteProcess, shift_time
+from ..core.process import FlowProcess, Process, VPDiscreteProcess, shift_time
 
 __all__ = [
     "SCHEDULES",

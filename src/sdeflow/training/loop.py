@@ -1,0 +1,215 @@
+"""The training loop: one loop for every objective, single process or DDP under torchrun.
+
+Each optimizer step runs the objective's phases in order; each phase accumulates gradients over the
+micro-batches of the deterministic stream (:mod:`~sdeflow.training.stream`), optionally clips them, and steps its
+own optimizer, LR schedule and gradient scaler. Resumed runs and DDP runs repeat single uninterrupted runs exactly
+because every random number comes from (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..checkpoint import find_latest
+from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
+from ..data import build_dataset
+from . import state
+from .diffusion import DiffusionObjective
+from .objective import Objective
+from .optim import build_optimizer, lr_factor
+from .run_log import RunLogger, plot_losses, save_samples_figure
+from .runtime import Runtime
+from .stream import BatchStream, step_seed
+
+__all__ = ["Trainer", "TrainingDivergedError"]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """Train an objective (default: the config's diffusion model) on the config's data.
+
+    Args:
+        cfg: the experiment.
+        resume: False, True (the latest checkpoint in the run folder), or a checkpoint path.
+        progress: show a progress bar (rank 0 only).
+        stop_after: stop (as if killed) after this many steps of this invocation, for tests and time-boxed runs.
+        objective: what to train; default :class:`DiffusionObjective` built from ``cfg``.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        resume: bool | str = False,
+        progress: bool = True,
+        stop_after: int | None = None,
+        objective: Objective | None = None,
+    ):
+        self.cfg, self.progress, self.stop_after = cfg, progress, stop_after
+        t = cfg.train
+        self.runtime = rt = Runtime.start(t)
+        self.device, self.rank, self.world = rt.device, rt.rank, rt.world
+        if t.batch_size % (t.grad_accum * self.world):
+            raise ConfigError(
+                f"train.batch_size ({t.batch_size}) must be divisible by grad_accum × world size "
+                f"({t.grad_accum} × {self.world})"
+            )
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.dataset = build_dataset(cfg.data, cfg.seed)
+        self.data_shape = tuple(self.dataset.shape)
+        if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
+            # in-memory data lives on the GPU: batches are gathered there, no per-step host-to-device copies
+            self.dataset.x, self.dataset.y = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
+        num_classes = cfg.model.num_classes
+        if num_classes and getattr(self.dataset, "num_classes", 0) == 0:
+            raise ConfigError(f"model.num_classes = {num_classes} but dataset '{cfg.data.name}' has no labels")
+        channels_last = t.channels_last and len(self.data_shape) == 3
+        self.stream = BatchStream(self.dataset, cfg.seed, t.batch_size // t.grad_accum, t.grad_accum, self.device,
+                                  self.rank, self.world, num_classes, t.label_dropout, channels_last)  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        self.objective = objective or DiffusionObjective.from_config(cfg, self.data_shape)
+        self.objective.to(self.device)
+        if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
+            self.objective.to(memory_format=torch.channels_last)
+        self.objective.distribute(rt.wrapper(t))
+        phases = self.objective.phases
+        self.params = {p: self.objective.parameters_for(p) for p in phases}
+        self.optimizers = {
+            p: build_optimizer(self.params[p], t, self.device, **self.objective.optimizer_options(p)) for p in phases
+        }
+        self.schedulers = {
+            p: torch.optim.lr_scheduler.LambdaLR(o, lambda k: lr_factor(k, t)) for p, o in self.optimizers.items()
+        }
+        self.scalers = {p: torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16") for p in phases}
+        self.step = 0
+        self.losses: list[float] = []
+        if resume:
+            state.restore(self, resume)
+
+    def train_step(self) -> dict[str, Tensor]:
+        """One optimizer step of every phase; returns the (global mean) loss of each phase, not synchronised."""
+        t, amp = self.cfg.train, PRECISIONS[self.cfg.train.precision]
+        out = {}
+        for k, phase in enumerate(self.objective.phases):
+            if len(self.objective.phases) > 1:  # a phase's backward also reaches the other phases' parameters
+                self.objective.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=self.device)
+            for micro in range(t.grad_accum):
+                batch = self.stream.batch(self.step, micro, k)
+                torch.manual_seed(step_seed(self.cfg.seed, self.step, micro, k) + self.rank)  # dropout layers
+                with ExitStack() as sync:
+                    if micro < t.grad_accum - 1:  # all-reduce once, on the last micro-batch
+                        for m in self.runtime.ddp_modules:
+                            sync.enter_context(m.no_sync())
+                    with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        loss = self.objective.loss(batch, phase)
+                    self.scalers[phase].scale(loss / t.grad_accum).backward()
+                total += loss.detach() / t.grad_accum
+            opt, scaler = self.optimizers[phase], self.scalers[phase]
+            if t.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.params[phase], t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            self.schedulers[phase].step()
+            if self.world > 1:  # the logged loss is the global mean
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            out[phase] = total
+        self.step += 1
+        self.objective.after_step(self.step)
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; returns a summary. Raises TrainingDivergedError on a non-finite loss."""
+        t = self.cfg.train
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+        log = None
+        if self.rank == 0:
+            log = RunLogger(self.out, self.cfg.name, t.steps, self.step, t.log_every, t.tensorboard, self.progress)
+        check_every = 1 if self.device.type == "cpu" else max(1, t.log_every)  # a check synchronises the GPU
+        pending: list[dict[str, Tensor]] = []
+        start_step, t0 = self.step, time.time()
+        self.objective.train()
+        try:
+            while self.step < t.steps:
+                if self.stop_after is not None and self.step - start_step >= self.stop_after:
+                    raise KeyboardInterrupt(f"stopped after {self.stop_after} steps (stop_after)")
+                pending.append(self.train_step())
+                due_ckpt = t.ckpt_every > 0 and self.step % t.ckpt_every == 0
+                if self.step % check_every == 0 or due_ckpt or self.step == t.steps:
+                    self._flush(pending, log)
+                    pending = []
+                if due_ckpt:
+                    self.save()
+                if t.sample_every and self.step % t.sample_every == 0 and self.rank == 0:
+                    self.sample_figure(self.out / "samples" / f"step_{self.step:08d}.png")
+                if log is not None:
+                    log.advance()
+            self._flush(pending, log)
+            final = self.save() if (t.ckpt_every <= 0 or self.step % t.ckpt_every) else find_latest(self.ckpt_dir)
+        finally:
+            if log is not None:
+                log.close()
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "seconds": round(time.time() - t0, 2),
+            "final_loss": self.losses[-1] if self.losses else None,
+            "checkpoint": str(final) if final else None,
+        }
+        if self.rank == 0 and self.losses:
+            plot_losses(self.losses, self.out / "loss.png")
+            figure = self.sample_figure(self.out / "samples.png")
+            if figure is not None:
+                summary["samples"] = str(figure)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def save(self) -> Path | None:
+        return state.save(self)
+
+    def sample_figure(self, path: Path, n: int | None = None) -> Path | None:
+        """A PNG grid (images) or scatter plot (2-D) of the objective's samples, if it draws any."""
+        drawn = self.objective.generate(n or self.cfg.sample.n, self.cfg.seed)
+        if drawn is None:
+            return None
+        nrow = self.cfg.model.num_classes or None
+        return save_samples_figure(drawn[0], path, nrow, getattr(self.dataset, "x", None))
+
+    def close(self) -> None:
+        """Leave a distributed run cleanly (see :meth:`Runtime.close`); a no-op in a single process."""
+        self.runtime.close(lambda: self.objective.distribute(lambda m: m))
+
+    def _flush(self, pending: list[dict[str, Tensor]], log: RunLogger | None) -> None:
+        """Bring the pending losses to the host, stop on a non-finite one, log them."""
+        if not pending:
+            return
+        values = torch.stack([torch.stack(list(r.values())) for r in pending]).float().cpu().tolist()
+        rows = [dict(zip(r, v)) for r, v in zip(pending, values)]
+        first = self.step - len(rows) + 1
+        for i, row in enumerate(rows):
+            bad = [f"{k} {v}" for k, v in row.items() if not math.isfinite(v)]
+            if bad:
+                last = find_latest(self.ckpt_dir) or "(none written yet)"
+                what = f"loss is {next(iter(row.values()))}" if len(row) == 1 else f"losses {bad} are not finite"
+                raise TrainingDivergedError(
+                    f"{what} at step {first + i}: training stopped. The last good checkpoint is {last}; lower "
+                    "train.lr, enable train.grad_clip or check the data for NaN/Inf."
+                )
+        self.losses.extend(sum(r.values()) for r in rows)
+        if log is not None:
+            log.write(first, rows, self.schedulers[self.objective.phases[0]].get_last_lr()[0])

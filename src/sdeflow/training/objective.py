@@ -1,0 +1,58 @@
+"""What the training loop trains: an objective owns its modules, says which parameters each optimizer steps, and
+computes the loss of a batch for each optimizer phase (in the spirit of Lightning's ``training_step``).
+
+The loop knows nothing of diffusion. One optimizer step of the loop runs the objective's ``phases`` in order;
+each phase has its own optimizer, LR schedule and gradient scaler, accumulates gradients over the micro-batches
+and steps. Denoising score matching is one phase ("model"); a generator/discriminator pair is two, stepped
+alternately; a frozen teacher or a frozen base with adapters is one phase whose ``parameters_for`` returns only
+the trainable ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .stream import Batch
+
+__all__ = ["Objective"]
+
+
+class Objective(nn.Module):
+    """Base class of what :class:`~sdeflow.training.Trainer` trains. Subclasses set ``name`` and ``phases`` and
+    implement :meth:`parameters_for` and :meth:`loss`; the other hooks have defaults."""
+
+    name: str = "objective"
+    phases: tuple[str, ...] = ("model",)
+
+    def parameters_for(self, phase: str) -> list[nn.Parameter]:
+        """The parameters the optimizer of ``phase`` updates (frozen modules contribute none)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch, phase: str) -> Tensor:
+        """The scalar loss of ``batch`` for ``phase``. Draw randomness from ``batch.randn`` / ``batch.rand`` (or
+        ``batch.generator``) so that resume and multi-process runs repeat it exactly."""
+        raise NotImplementedError
+
+    def optimizer_options(self, phase: str) -> dict[str, Any]:
+        """Options that override the config's for this phase's optimizer (e.g. a GAN's betas)."""
+        return {}
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the forward passes of the trainable modules through ``wrap(module)`` (DDP, ``torch.compile``).
+        Only the forward path changes: parameters, EMA and saved weights stay with the unwrapped modules."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step with the new step count (EMA updates go here)."""
+
+    def saved_modules(self) -> tuple[nn.Module, nn.Module | None]:
+        """(model, ema): what a checkpoint stores as ``model.safetensors`` and ``ema.safetensors``."""
+        return self, None
+
+    @torch.no_grad()
+    def generate(self, n: int, seed: int) -> tuple[Tensor, Tensor | None] | None:
+        """n samples (and their labels) for the run's figures, or None if this objective draws none."""
+        return None
