@@ -9,6 +9,7 @@ from sdeflow import get_process
 from sdeflow.core.process import (
     EDMProcess,
     FlowProcess,
+    SubVPProcess,
     VEProcess,
     VPCosineProcess,
     VPDiscreteProcess,
@@ -21,6 +22,7 @@ ALL = [
     VPDiscreteProcess(),
     VPDiscreteProcess(schedule="cosine"),
     VPLinearProcess(),
+    SubVPProcess(),
     VPCosineProcess(),
     VEProcess(0.01, 50.0),
     EDMProcess(),
@@ -64,7 +66,9 @@ def test_derivatives_inverse_and_log_snr(proc):
     assert proc.sigma_min < proc.sigma_max
 
 
-@pytest.mark.parametrize("proc", [p for p in ALL if "VP" in type(p).__name__])
+@pytest.mark.parametrize(
+    "proc", [p for p in ALL if isinstance(p, (VPDiscreteProcess, VPLinearProcess, VPCosineProcess))]
+)
 def test_vp_is_variance_preserving(proc):
     t = _times(proc)
     torch.testing.assert_close(proc.s(t) ** 2 * (1 + proc.sigma(t) ** 2), torch.ones_like(t))
@@ -127,3 +131,21 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="σ outside the range"):
         VPDiscreteProcess().check_sigma(torch.tensor([1e-5]))
     assert isinstance(get_process("ddpm"), VPDiscreteProcess)
+
+
+def test_sub_vp_is_the_score_sde_papers_process():
+    """Song et al. 2021, eq. 29: mean e^{−B/2} x0, noise std 1 − e^{−B}, drift −½β x, diffusion² β(1 − e^{−2B}),
+    with B(t) = β_min t + ½(β_max − β_min) t²; and its noise variance stays below VP's."""
+    p, vp = SubVPProcess(), VPLinearProcess()
+    assert p.t_min == 1e-3 and get_process("sub_vp").name == "sub_vp"
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    b = 0.1 * t + 0.5 * 19.9 * t**2
+    torch.testing.assert_close(p.s(t), torch.exp(-b / 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(p.noise_std(t), 1 - torch.exp(-b), rtol=1e-12, atol=0)
+    # reverse-SDE coefficients as the samplers compute them: f = ṡ/s, g² = 2 s² σ σ̇
+    beta = 0.1 + 19.9 * t
+    torch.testing.assert_close(p.ds_dt(t) / p.s(t), -beta / 2, rtol=1e-12, atol=0)
+    g2 = 2 * p.s(t) ** 2 * p.sigma(t) * p.dsigma_dt(t)
+    torch.testing.assert_close(g2, beta * (1 - torch.exp(-2 * b)), rtol=1e-12, atol=0)
+    assert bool((p.noise_std(t) ** 2 < vp.noise_std(t) ** 2).all())
+    assert p.prior_std() == pytest.approx(math.sqrt(1 + p.sigma_max**2))  # N(0, I) on x_t, as VP

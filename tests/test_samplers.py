@@ -295,3 +295,36 @@ def test_float32_sampling_on_a_flow_matches_float64(name):
     lo = sample(GM, (2000, 2), flow, name, sigmas=sig, x_init=x0).samples
     hi = sample(GM, (2000, 2), flow, name, sigmas=sig, x_init=x0.double(), dtype=torch.float64).samples
     assert lo.dtype == torch.float32 and float((lo.double() - hi).abs().max()) < 1e-3
+
+
+def test_sample_follows_a_float64_model_and_takes_x_init_alone():
+    net = torch.nn.Linear(2, 2).double()
+
+    def model(x, sigma, cond=None):
+        return net(x) * 0 + x / (1 + sigma[:, None] ** 2)  # the denoiser of N(0, I) data, through float64 weights
+
+    model.parameters = net.parameters  # a callable that owns float64 parameters
+    r = sample(model, (4, 2), EDMProcess(), "heun", steps=3, seed=0)
+    assert r.samples.dtype == torch.float64
+    x = EDMProcess().sample_prior((4, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    r2 = sample(GM, process=EDMProcess(), sampler="euler", steps=3, x_init=x)
+    assert r2.samples.shape == (4, 2) and r2.samples.dtype == torch.float64
+    with pytest.raises(TypeError, match="batch shape"):
+        sample(GM, process=EDMProcess())
+    with pytest.raises(TypeError, match="process"):
+        sample(GM, (4, 2))
+
+
+def test_adaptive_with_one_step_and_a_plain_function_get_clear_answers():
+    r = sample(GM, (64, 2), EDMProcess(), "adaptive", steps=1, seed=0)
+    assert torch.isfinite(r.samples).all() and len(r.sigmas) == 3  # σ_max, σ_min, 0
+    from sdeflow.sampling.ode import adaptive_ode
+
+    with pytest.raises(ValueError, match="two positive σ"):
+        adaptive_ode(GM, torch.zeros(2, 2), torch.tensor([80.0, 0.0]))
+
+    def two_args(x, sigma):
+        return x
+
+    with pytest.raises(TypeError, match=r"cannot be called as D\(x, sigma, cond\)"):
+        sample(two_args, (4, 2), EDMProcess(), "euler", steps=2, seed=0)

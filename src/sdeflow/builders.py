@@ -104,6 +104,6 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
     which = "ema" if ema else "model"
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
     r = build_recipe(cfg.diffusion)
-    den = build_denoiser(net.to(device).eval(), r, cfg.diffusion)
+    den = build_denoiser(net.to(device), r, cfg.diffusion).eval()
     step = int(meta.get("step", 0))
     return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step)

@@ -70,7 +70,8 @@ class SamplerSpec:
         nfe_formula: the same, as the README writes it.
         paper: where the method comes from.
         needs_process: its maths is a forward process's (it takes ``process=``).
-        stochastic: it draws fresh noise, so results depend on the generator.
+        stochastic: at its default options it draws fresh noise, so results depend on the generator (DDIM with
+            η > 0 and EDM's sampler with S_churn > 0 do too).
         discrete_native: on a discrete VP process it walks DDPM's integer timesteps ('leading' grid) by default.
         on_flow: the sampler run instead on a flow process (EDM's σ-space Heun is ill-conditioned there).
         min_steps: fewest steps the method can take.
@@ -102,10 +103,10 @@ class SamplerSpec:
 
 _SPECS = (
     SamplerSpec("ddpm", ddpm, _n, "N", "Ho et al. 2020", stochastic=True, discrete_native=True),
-    SamplerSpec("ddim", ddim, _n, "N", "Song et al. 2021", stochastic=True, discrete_native=True),
+    SamplerSpec("ddim", ddim, _n, "N", "Song et al. 2021", discrete_native=True),
     SamplerSpec("euler", euler, _n, "N", "Karras et al. 2022"),
     SamplerSpec("heun", heun, _heun_nfe, "2N − 1", "Karras et al. 2022, Alg. 1", on_flow="flow_heun"),
-    SamplerSpec("edm_stochastic", edm_stochastic, _heun_nfe, "2N − 1", "Karras et al. 2022, Alg. 2", stochastic=True),
+    SamplerSpec("edm_stochastic", edm_stochastic, _heun_nfe, "2N − 1", "Karras et al. 2022, Alg. 2"),
     SamplerSpec("euler_maruyama", euler_maruyama, _n, "N", "Song et al. 2021", needs_process=True, stochastic=True),
     SamplerSpec(
         "pc",

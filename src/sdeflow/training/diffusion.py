@@ -66,7 +66,7 @@ class DiffusionObjective(Objective):
     def ema_denoiser(self) -> Denoiser:
         """D of the averaged weights (the raw ones without EMA), in eval mode, σ-range checked."""
         net = self.ema.model if self.ema is not None else self.net
-        return build_denoiser(net.eval(), self.recipe, self.cfg.diffusion)
+        return build_denoiser(net.eval(), self.recipe, self.cfg.diffusion).eval()
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> tuple[Tensor, Tensor | None]:
