@@ -14,71 +14,70 @@ from torch import Tensor
 from .steps import denoise, grid, notify, randn_like, sde_noise_std
 
 
-@torch.no_grad()
-def dpmpp_2m_sde(
-    model, x, sigmas, cond=None, *, generator=None, callback=None, eta: float = 1.0, s_noise: float = 1.0
-) -> Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, §5; midpoint form). η = 0 gives DPM-Solver++(2M). NFE = N."""
+def _dpmpp(model, x, sigmas, cond, generator, callback, eta: float, s_noise: float, correction) -> Tensor:
+    """The multistep loop both DPM-Solver++ variants share: a first-order data-prediction step in λ = −ln σ,
+
+        x̃' = e^{−h(1+η)} x̃ − (e^{−h(1+η)} − 1) D,   h = λ' − λ,
+
+    plus ``correction(D, h, h_η, history)`` from earlier evaluations (newest first), plus fresh noise for η > 0."""
     sig = grid(sigmas)
-    old, h_last = None, None
+    history: list[tuple[Tensor, float]] = []  # (D, h) of the earlier steps, newest first
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         denoised = denoise(model, x, s, cond)
         notify(callback, i, s, x, denoised)
         if sn == 0:
-            x = denoised
-        else:
-            h = math.log(s) - math.log(sn)
-            eta_h = eta * h
-            x = (sn / s) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
-            if old is not None:
-                r = h_last / h
-                x = x - 0.5 * math.expm1(-h - eta_h) / r * (denoised - old)
-            if eta > 0:
-                x = x + randn_like(x, generator) * sde_noise_std(sn, h, eta) * s_noise
-            h_last = h
-        old = denoised
+            return denoised
+        h = math.log(s) - math.log(sn)
+        h_eta = h * (eta + 1)
+        x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised + correction(denoised, h, h_eta, history)
+        if eta > 0:
+            x = x + randn_like(x, generator) * sde_noise_std(sn, h, eta) * s_noise
+        history = [(denoised, h), *history[:1]]
     return x
+
+
+def _midpoint_2m(denoised: Tensor, h: float, h_eta: float, history: list) -> Tensor | float:
+    """DPM-Solver++(2M)'s second-order term: −½ (e^{−h_η} − 1)/r · (D_i − D_{i−1}), r = h_{i−1}/h."""
+    if not history:
+        return 0.0
+    old, h_last = history[0]
+    return -0.5 * math.expm1(-h_eta) / (h_last / h) * (denoised - old)
+
+
+def _third_order_3m(denoised: Tensor, h: float, h_eta: float, history: list) -> Tensor | float:
+    """DPM-Solver++(3M)'s terms φ₂ d1 − φ₃ d2 from divided differences of the last three D (k-diffusion's form);
+    the second-order term alone on the second step."""
+    phi_2 = math.expm1(-h_eta) / h_eta + 1
+    if len(history) == 1:
+        ((d_1, h_1),) = history
+        return phi_2 * (denoised - d_1) / (h_1 / h)
+    if not history:
+        return 0.0
+    (d_1, h_1), (d_2, h_2) = history
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0 = (denoised - d_1) / r0
+    d1_1 = (d_1 - d_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(
+    model, x, sigmas, cond=None, *, generator=None, callback=None, eta: float = 1.0, s_noise: float = 1.0
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, §5; midpoint form). η = 0 gives DPM-Solver++(2M). NFE = N."""
+    return _dpmpp(model, x, sigmas, cond, generator, callback, eta, s_noise, _midpoint_2m)
 
 
 @torch.no_grad()
 def dpmpp_3m_sde(
     model, x, sigmas, cond=None, *, generator=None, callback=None, eta: float = 1.0, s_noise: float = 1.0
 ) -> Tensor:
-    """SDE-DPM-Solver++(3M) (Lu et al. 2022b; k-diffusion's form). NFE = N.
-
-    Third-order multistep in λ: finite differences d1, d2 of the last three data predictions, with
-    φ₂ = (e^{−h_η} − 1)/h_η + 1 ... applied as x += φ₂ d1 − φ₃ d2; lower order on the first two steps.
-    """
-    sig = grid(sigmas)
-    d_1 = d_2 = None
-    h_1 = h_2 = None
-    for i in range(len(sig) - 1):
-        s, sn = sig[i], sig[i + 1]
-        denoised = denoise(model, x, s, cond)
-        notify(callback, i, s, x, denoised)
-        if sn == 0:
-            x = denoised
-        else:
-            h = math.log(s) - math.log(sn)
-            h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - d_1) / r0
-                d1_1 = (d_1 - d_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                x = x + phi_2 * (denoised - d_1) / (h_1 / h)
-            if eta > 0:
-                x = x + randn_like(x, generator) * sde_noise_std(sn, h, eta) * s_noise
-            h_1, h_2 = h, h_1
-        d_1, d_2 = denoised, d_1
-    return x
+    """SDE-DPM-Solver++(3M) (Lu et al. 2022b; k-diffusion's form): third-order multistep in λ, lower order on the
+    first two steps. NFE = N."""
+    return _dpmpp(model, x, sigmas, cond, generator, callback, eta, s_noise, _third_order_3m)
 
 
 def _unipc_update(x, ms, lams, lam_t, s0, s_t, order, m_t=None):
