@@ -65,7 +65,7 @@ def train(name: str, steps: int, batch: int, out: Path, smoke: bool) -> tuple[di
         over += ["model.preset=DiT-S/4"] if "dit" in name else ["model.kwargs={model_channels: 16}"]
     cfg = load_config(ROOT / "configs" / config, over)
     tr = Trainer(cfg, progress=False)
-    params = sum(p.numel() for p in tr.net.parameters())
+    params = sum(p.numel() for p in tr.objective.net.parameters())
     t0 = time.time()
     summary = tr.fit()
     summary["wall_s"] = round(time.time() - t0, 1)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from timing import count_flops, measured_bf16_peak, time_steps
 
 BATCH = {"unet": 128, "dit-s": 256, "dit-b": 256}
 
@@ -72,19 +73,9 @@ def forward(m: torch.nn.Module, lib: str, x: torch.Tensor, t: torch.Tensor, y: t
     return m(x, timestep=t, class_labels=y).sample
 
 
-def measured_bf16_peak(dev: torch.device) -> float:
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1e3)
+def _autocast_forward(net, lib, x, t, y, amp: bool) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        return forward(net, lib, x, t, y).float()
 
 
 def run_one(model: str, lib: str, precision: str, dev: torch.device, iters: int, reps: int) -> dict:
@@ -108,31 +99,11 @@ def run_one(model: str, lib: str, precision: str, dev: torch.device, iters: int,
         for p in net.parameters():
             p.grad = None
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    t_compile = time.time()
-    for _ in range(3):  # warm-up (and compilation)
-        step()
-    torch.cuda.synchronize()
-    t_compile = time.time() - t_compile
-    with FlopCounterMode(display=False) as fc:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = forward(net, lib, x, t, y)
-        F.mse_loss(out.float(), target).backward()
+    m = time_steps(step, dev, 3, iters, reps)  # the warm-up compiles
+    flops = count_flops(lambda: _autocast_forward(net, lib, x, t, y, amp) - target)
     for p in net.parameters():
         p.grad = None
-    flops = fc.get_total_flops()
-    torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / iters)
-    sec = sorted(times)[len(times) // 2]
+    sec = m["sec"]
     return {
         "model": model,
         "library": lib,
@@ -141,10 +112,10 @@ def run_one(model: str, lib: str, precision: str, dev: torch.device, iters: int,
         "params_M": round(params / 1e6, 2),
         "images_per_s": b / sec,
         "step_ms": sec * 1e3,
-        "peak_mem_GiB": torch.cuda.max_memory_allocated(dev) / 2**30,
+        "peak_mem_GiB": m["mem"],
         "flops_per_step": flops,
         "achieved_TFLOPs": flops / sec / 1e12,
-        "warmup_s": round(t_compile, 1),
+        "warmup_s": round(m["warmup_s"], 1),
     }
 
 

@@ -132,10 +132,11 @@ def test_two_optimizer_objective_trains_through_the_loop_and_resumes_bitwise(tmp
     before = {k: v.clone() for k, v in a.objective.state_dict().items()}
     a.fit()
     after = a.objective.state_dict()
-    assert set(a.optimizers) == {"disc", "gen"}
-    assert a.optimizers["disc"].defaults["betas"] == (0.5, 0.9)
+    assert set(a.phases) == {"disc", "gen"}
+    disc_opt = a.phases["disc"].optimizer
+    assert disc_opt.defaults["betas"] == (0.5, 0.9)
     disc_ids = {id(p) for p in a.objective.disc.parameters()}
-    assert {id(p) for g in a.optimizers["disc"].param_groups for p in g["params"]} == disc_ids
+    assert {id(p) for g in disc_opt.param_groups for p in g["params"]} == disc_ids
     assert all(not torch.equal(before[k], after[k]) for k in before)  # both players were updated
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"loss/disc", "loss/gen"} <= set(rows[0])

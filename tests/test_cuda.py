@@ -161,7 +161,7 @@ def test_trainer_gpu_fast_paths(tmp_path):
             ],
         )
         tr = Trainer(cfg, progress=False)
-        assert tr.optimizers["model"].defaults.get("fused") is True
+        assert tr.phases["model"].optimizer.defaults.get("fused") is True
         tr.fit()
         assert torch.isfinite(torch.tensor(tr.losses)).all()
         assert Trainer(cfg, resume=True, progress=False).step == 6

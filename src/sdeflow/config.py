@@ -17,6 +17,16 @@ from typing import Any
 import torch
 import yaml
 
+from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
+from .core.preconditioning import PARAMETERIZATIONS
+from .core.process import PROCESSES
+from .data import check_data_config
+from .errors import ConfigError
+from .models.layers import ATTENTION_BACKENDS
+from .sampling.acceleration import PRECISIONS
+from .sampling.samplers import SPECS
+from .sampling.schedules import SCHEDULES
+
 __all__ = [
     "COMPILE_MODES",
     "EMA_KINDS",
@@ -40,18 +50,13 @@ __all__ = [
 ]
 
 # Allowed values of the fields below. Values that another module owns (recipes, samplers, schedules, processes,
-# parameterizations, datasets, attention backends) are checked against that module's own table in ``validate``.
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# parameterizations, precisions, datasets, attention backends) are checked against that module's own table.
 LR_SCHEDULES = ("constant", "cosine", "linear")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EMA_KINDS = ("fixed", "power", "none")
 MODEL_KINDS = ("mlp", "unet", "dit")
 ON_ERROR = ("skip", "raise")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "radam": "RAdam", "adagrad": "Adagrad"}
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key or file."""
 
 
 @dataclass
@@ -275,14 +280,6 @@ def _at_least(key: str, value: float, low: float) -> None:
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every value against its allowed values before anything is built or trained; the error names the
     key. Returns ``cfg``. Checks that need the run's world size (batch divisibility by it) stay with the trainer."""
-    from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
-    from .core.preconditioning import PARAMETERIZATIONS
-    from .core.process import PROCESSES
-    from .data import check_data_config
-    from .models.layers import ATTENTION_BACKENDS
-    from .sampling.samplers import SPECS
-    from .sampling.schedules import SCHEDULES
-
     t, d, s = cfg.train, cfg.diffusion, cfg.sample
     for key, value in (
         ("train.steps", t.steps),

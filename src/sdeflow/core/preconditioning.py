@@ -91,8 +91,8 @@ def coefficients(
     if process is None:
         raise ValueError(f"parameterization '{parameterization}' needs a process (for s(t) and t(σ))")
     # The process's coefficients are per-sample scalars: take them in float64 and return them in σ's dtype. For a
-    # flow near t = 1, 1 − t and the velocity's c_skip = 1 + ṡσ/(sσ̇) cancel catastrophically in float32 (at
-    # σ = 10⁴ a float32 D was off by 3.6). MPS has no float64.
+    # flow near t = 1, 1 − t and the velocity's c_skip = 1 + ṡσ/(sσ̇) cancel catastrophically in float32. MPS has
+    # no float64.
     out_dtype = sigma.dtype
     if sigma.device.type != "mps":
         sigma = sigma.double()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, DataConfig
+from ..errors import ConfigError
 from .images import (
     ArrayImageDataset,
     ImageFolderDataset,
@@ -17,6 +19,18 @@ from .images import (
     save_image_grid,
 )
 from .toys import TOYS, ToyDataset, make_toy
+
+
+class DataConfig(Protocol):
+    """What a dataset is built from: the fields of :class:`sdeflow.config.DataConfig`."""
+
+    name: str
+    path: str | None
+    resolution: int | None
+    num_samples: int
+    split: str
+    on_error: str
+    horizontal_flip: bool
 
 __all__ = [
     "TOYS",

@@ -259,8 +259,8 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
 
 def export_half_precision(out: str | Path, source: str | Path | None = None) -> Path:
     """Write the FID weights as a float16 safetensors file (~44 MB instead of ~87 MB) for machines with
-    size-limited transfers; :func:`load_fid_inception` reads it back as float32. Measured effect on FID:
-    benchmarks/results/fid_sanity.md (about 0.01)."""
+    size-limited transfers; :func:`load_fid_inception` reads it back as float32 (its effect on FID is measured
+    by ``benchmarks/fid_sanity.py``)."""
     from safetensors.torch import save_file
 
     net = load_fid_inception(source)

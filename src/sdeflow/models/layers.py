@@ -50,12 +50,10 @@ def set_attention_backend(name: str = "auto", device: torch.device | str | None 
 
     A preference, not a restriction: inputs the preferred kernels cannot serve (dtype, head dimension,
     layout) fall back in PyTorch's usual order. ``"auto"`` picks cuDNN on Hopper (compute
-    capability 9.x), where its fused attention is 1.7–2.3× faster than FlashAttention-2 on training
-    shapes, and PyTorch's default order elsewhere; ``"default"`` restores that order. The order is
-    process-wide and is read when a graph is traced, so call this before the first ``torch.compile`` run.
-    Inductor's on-disk graph cache does not key on it: with torch 2.11 a DiT compiled once under PyTorch's
-    order was served from the cache, FlashAttention included, after cuDNN had been put first. A fresh
-    compilation chose cuDNN and cut the DiT-B/2 attention time from 14.2 to 8.7 ms a step on an H100.
+    capability 9.x), where its fused attention is the fastest on training shapes (figures in the README), and
+    PyTorch's default order elsewhere; ``"default"`` restores that order. The order is process-wide and is read
+    when a graph is traced, so call this before the first ``torch.compile`` run; Inductor's on-disk graph cache
+    does not key on it, so a graph compiled under another order may be served from the cache.
 
     Returns the backend now first: one of ``flash``, ``efficient``, ``math``, ``cudnn`` or ``default``.
     """
@@ -199,11 +197,10 @@ def group_norm_channels_last(
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) that keeps channels-last activations channels-last.
 
-    Channels-last 4-D inputs go through :func:`group_norm_channels_last`; others through ``F.group_norm``. With
-    the CIFAR-size UNet compiled in bf16 on an H100 (``benchmarks/gpu_speed.py``), PyTorch's GroupNorm on NHWC
-    activations cost 287 ms of Triton kernels per sampling batch (this one: 202 ms), and in training cuDNN's
-    convolution backward copied the gradients it produced into the layout it wanted, 12.9 ms of a 66.7 ms step
-    (this one: 1.3 ms)."""
+    Channels-last 4-D inputs go through :func:`group_norm_channels_last`; others through ``F.group_norm``. Why:
+    PyTorch's GroupNorm views NHWC activations as (N, G, C/G·H·W), which reads memory out of order and hands
+    cuDNN's convolution backward gradients in the wrong layout, which it then copies (measured in
+    ``benchmarks/speed_norm.py`` and ``speed_train.py``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

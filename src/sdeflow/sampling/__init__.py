@@ -1,7 +1,6 @@
 """Sampling: σ grids, the samplers and their table of facts, ``sample()``, guidance, likelihood, acceleration."""
 
-from ..config import PRECISIONS
-from .acceleration import CUDAGraphDenoiser, accelerate_denoiser, cast_network_weights
+from .acceleration import PRECISIONS, CUDAGraphDenoiser, accelerate_denoiser, cast_network_weights
 from .generate import CountingDenoiser, SampleResult, check_denoiser, sample
 from .samplers import SAMPLERS, SPECS, SamplerSpec, default_schedule, get_spec, nfe_per_steps, steps_for_nfe
 from .schedules import SCHEDULES, get_schedule

@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import PRECISIONS
 from ..core.preconditioning import DenoiserFn
 
-__all__ = ["CUDAGraphDenoiser", "accelerate_denoiser", "cast_network_weights"]
+__all__ = ["PRECISIONS", "CUDAGraphDenoiser", "accelerate_denoiser", "cast_network_weights"]
+
+# The one table of precisions: autocast dtype by name (None: full fp32). Config, trainer and CLI read it.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Autocast:
@@ -108,7 +110,7 @@ def accelerate_denoiser(
     cudnn_benchmark: bool = True,
     network: torch.nn.Module | None = None,
 ) -> DenoiserFn:
-    """A faster D for sampling: autocast to ``precision`` (a key of :data:`sdeflow.config.PRECISIONS`),
+    """A faster D for sampling: autocast to ``precision`` (a key of :data:`PRECISIONS`),
     channels-last activations, network weights stored in the autocast dtype (``cast_weights``: see
     :func:`cast_network_weights`), ``torch.compile`` of the whole denoiser (preconditioning + network), and/or
     :class:`CUDAGraphDenoiser` replay. The sampler's state and

@@ -37,7 +37,7 @@ class EMA(nn.Module):
         self.kind, self.decay, self.start_step = kind, decay, start_step
         self.gamma = power_exponent(std) if kind == "power" else 0.0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        # parameter lists gathered once: walking the module tree every step costs ~ms of host time per step
+        # parameter lists gathered once: walking the module tree at every step would cost host time in the loop
         self._ema = (list(self.model.parameters()), list(self.model.buffers()))
         self._src: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 

@@ -25,7 +25,7 @@ from ..data import build_dataset
 from . import state
 from .diffusion import DiffusionObjective
 from .objective import Objective
-from .optim import build_optimizer, lr_factor
+from .optim import build_phases
 from .run_log import RunLogger, plot_losses, save_samples_figure
 from .runtime import Runtime
 from .stream import BatchStream, step_seed
@@ -84,19 +84,11 @@ class Trainer:
         if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
             self.objective.to(memory_format=torch.channels_last)
         self.objective.distribute(rt.wrapper(t))
-        phases = self.objective.phases
-        self.params = {p: self.objective.parameters_for(p) for p in phases}
-        self.optimizers = {
-            p: build_optimizer(self.params[p], t, self.device, **self.objective.optimizer_options(p)) for p in phases
-        }
-        self.schedulers = {
-            p: torch.optim.lr_scheduler.LambdaLR(o, lambda k: lr_factor(k, t)) for p, o in self.optimizers.items()
-        }
-        self.scalers = {p: torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16") for p in phases}
+        self.phases = build_phases(self.objective, t, self.device)
         self.step = 0
         self.losses: list[float] = []
         if resume:
-            state.restore(self, resume)
+            self._resume(find_latest(self.ckpt_dir) if resume is True else Path(resume))
 
     def train_step(self) -> dict[str, Tensor]:
         """One optimizer step of every phase; returns the (global mean) loss of each phase, not synchronised."""
@@ -115,16 +107,16 @@ class Trainer:
                             sync.enter_context(m.no_sync())
                     with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = self.objective.loss(batch, phase)
-                    self.scalers[phase].scale(loss / t.grad_accum).backward()
+                    self.phases[phase].scaler.scale(loss / t.grad_accum).backward()
                 total += loss.detach() / t.grad_accum
-            opt, scaler = self.optimizers[phase], self.scalers[phase]
+            p = self.phases[phase]
             if t.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(self.params[phase], t.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            self.schedulers[phase].step()
+                p.scaler.unscale_(p.optimizer)
+                nn.utils.clip_grad_norm_(p.params, t.grad_clip)
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+            p.optimizer.zero_grad(set_to_none=True)
+            p.scheduler.step()
             if self.world > 1:  # the logged loss is the global mean
                 dist.all_reduce(total, op=dist.ReduceOp.AVG)
             out[phase] = total
@@ -180,7 +172,10 @@ class Trainer:
         return summary
 
     def save(self) -> Path | None:
-        return state.save(self)
+        """Write a checkpoint of the run now (rank 0; other ranks return None)."""
+        if self.rank != 0:
+            return None
+        return state.save(self.ckpt_dir, self.step, self.cfg, self.objective, self.phases, self.data_shape, self.losses)
 
     def sample_figure(self, path: Path, n: int | None = None) -> Path | None:
         """A PNG grid (images) or scatter plot (2-D) of the objective's samples, if it draws any."""
@@ -193,6 +188,12 @@ class Trainer:
     def close(self) -> None:
         """Leave a distributed run cleanly (see :meth:`Runtime.close`); a no-op in a single process."""
         self.runtime.close(lambda: self.objective.distribute(lambda m: m))
+
+    def _resume(self, path: Path | None) -> None:
+        if path is not None:
+            self.step, self.losses = state.restore(path, self.objective, self.phases)
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}" if path else f"no checkpoint under {self.ckpt_dir}")
 
     def _flush(self, pending: list[dict[str, Tensor]], log: RunLogger | None) -> None:
         """Bring the pending losses to the host, stop on a non-finite one, log them."""
@@ -212,4 +213,4 @@ class Trainer:
                 )
         self.losses.extend(sum(r.values()) for r in rows)
         if log is not None:
-            log.write(first, rows, self.schedulers[self.objective.phases[0]].get_last_lr()[0])
+            log.write(first, rows, next(iter(self.phases.values())).scheduler.get_last_lr()[0])

@@ -1,16 +1,41 @@
-"""Optimizers and learning-rate schedules from the config: one optimizer per objective phase."""
+"""Optimizers and learning-rate schedules from the config: one optimizer, LR schedule and gradient scaler per
+objective phase."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TrainConfig, optimizer_class
+from .objective import Objective
 
-__all__ = ["build_optimizer", "lr_factor"]
+__all__ = ["Phase", "build_optimizer", "build_phases", "lr_factor"]
+
+
+@dataclass
+class Phase:
+    """One optimizer phase of an objective: the parameters it steps, and its optimizer, LR schedule and scaler."""
+
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def build_phases(objective: Objective, t: TrainConfig, device: torch.device) -> dict[str, Phase]:
+    """A :class:`Phase` for each of ``objective.phases``, from the config and the objective's overrides."""
+    phases = {}
+    for name in objective.phases:
+        params = objective.parameters_for(name)
+        opt = build_optimizer(params, t, device, **objective.optimizer_options(name))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, t))
+        scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+        phases[name] = Phase(params, opt, sched, scaler)
+    return phases
 
 
 def build_optimizer(

@@ -5,68 +5,65 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..checkpoint import find_latest, load_checkpoint, load_weights, save_checkpoint
-
-if TYPE_CHECKING:
-    from .loop import Trainer
+from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..config import ExperimentConfig
+from .objective import Objective
+from .optim import Phase
 
 __all__ = ["restore", "save"]
 
-_PER_PHASE = (("optimizers", "optimizer"), ("lr_schedulers", "lr_scheduler"), ("scalers", "scaler"))
+_PARTS = (("optimizers", "optimizer"), ("lr_schedulers", "scheduler"), ("scalers", "scaler"))
 
 
-def save(tr: Trainer) -> Path | None:
-    """Write checkpoint ``step_<step>`` of the run (rank 0 only) and prune to ``train.keep_last``."""
-    if tr.rank != 0:
-        return None
+def save(
+    directory: Path,
+    step: int,
+    cfg: ExperimentConfig,
+    objective: Objective,
+    phases: dict[str, Phase],
+    data_shape: tuple[int, ...],
+    losses: list[float],
+) -> Path:
+    """Write checkpoint ``step_<step>`` of the run under ``directory`` and prune to ``train.keep_last``."""
     from .. import __version__
 
     state: dict[str, Any] = {
-        "step": tr.step,
-        "optimizers": {k: o.state_dict() for k, o in tr.optimizers.items()},
-        "lr_schedulers": {k: s.state_dict() for k, s in tr.schedulers.items()},
-        "scalers": {k: s.state_dict() for k, s in tr.scalers.items()},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "samples_seen": tr.step * tr.cfg.train.batch_size,
-        "losses": tr.losses,
+        key: {name: getattr(p, attr).state_dict() for name, p in phases.items()} for key, attr in _PARTS
     }
+    state.update(
+        step=step,
+        rng={"torch": torch.get_rng_state(), "python": random.getstate()},
+        samples_seen=step * cfg.train.batch_size,
+        losses=losses,
+    )
     meta = {
-        "config": tr.cfg.to_dict(),
-        "objective": tr.objective.name,
-        "phases": list(tr.objective.phases),
-        "data_shape": list(tr.data_shape),
-        "num_classes": tr.cfg.model.num_classes,
+        "config": cfg.to_dict(),
+        "objective": objective.name,
+        "phases": list(objective.phases),
+        "data_shape": list(data_shape),
+        "num_classes": cfg.model.num_classes,
         "sdeflow_version": __version__,
     }
-    model, ema = tr.objective.saved_modules()
-    return save_checkpoint(tr.ckpt_dir, tr.step, model, ema, state, meta, keep_last=tr.cfg.train.keep_last)
+    model, ema = objective.saved_modules()
+    return save_checkpoint(directory, step, model, ema, state, meta, keep_last=cfg.train.keep_last)
 
 
-def restore(tr: Trainer, resume: bool | str | Path) -> None:
-    """Continue from the latest checkpoint of the run (``resume=True``) or from the given checkpoint folder."""
-    path = find_latest(tr.ckpt_dir) if resume is True else Path(resume)
-    if path is None:
-        if tr.rank == 0:
-            print(f"no checkpoint under {tr.ckpt_dir}: starting from scratch")
-        return
+def restore(path: Path, objective: Objective, phases: dict[str, Phase]) -> tuple[int, list[float]]:
+    """Load checkpoint ``path`` into the objective's modules, the phases and the RNGs; returns (step, losses)."""
     ck = load_checkpoint(path)
-    model, ema = tr.objective.saved_modules()
+    model, ema = objective.saved_modules()
     load_weights(model, ck["model"], str(path / "model.safetensors"))
     if ema is not None:
         load_weights(ema, ck["ema"], str(path / "ema.safetensors"))
     st = ck["state"]
-    first = tr.objective.phases[0]
-    for many, one in _PER_PHASE:  # checkpoints of single-optimizer runs hold one state under the singular key
-        saved = st[many] if many in st else {first: st[one]}
-        for phase, obj in getattr(tr, many.replace("lr_schedulers", "schedulers")).items():
-            obj.load_state_dict(saved[phase])
+    for key, attr in _PARTS:  # single-optimizer checkpoints of earlier versions: one state under a singular key
+        saved = st[key] if key in st else {objective.phases[0]: st[key[:-1]]}
+        for name, p in phases.items():
+            getattr(p, attr).load_state_dict(saved[name])
     torch.set_rng_state(st["rng"]["torch"])
     random.setstate(st["rng"]["python"])
-    tr.step = int(st["step"])
-    tr.losses = list(st.get("losses", []))
-    if tr.rank == 0:
-        print(f"resumed from {path} at step {tr.step}")
+    return int(st["step"]), list(st.get("losses", []))

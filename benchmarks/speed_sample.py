@@ -1,0 +1,163 @@
+"""Sampling speed side by side with diffusers, in one run: images/s at NFE 20, batch 256, of DDIM with the
+CIFAR-size UNet. diffusers' ``DDIMPipeline`` (fp32 as shipped, bf16, bf16 with cuDNN autotuning) against sdeflow's
+``ddim`` in bf16: eager, CUDA graphs, compiled, channels-last (with PyTorch's GroupNorm and with sdeflow's), bf16
+weights, each compiled variant also replayed from CUDA graphs. The compiled rows carry a kernel profile of a batch.
+
+    python benchmarks/speed_sample.py [--autotune] [--append]
+
+Writes ``speed_sample.{json,md}`` and ``speed_sample_profile.md`` under ``--out`` (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from speed_models import diffusers_unet, size, use_torch_group_norm
+from speed_tables import speed_tables
+from timing import Bench, forward_flops_per_image, free, load_results, profile, profile_markdown, start, time_steps
+
+
+def sampling_rows(bench: Bench, nfe: int = 20, autotune: bool = False) -> Iterator[dict]:
+    """Rows one by one (each is saved as it comes): diffusers' DDIMPipeline in fp32 and bf16, then sdeflow's
+    DDIM eager / CUDA graphs / compile / both, and with ``autotune`` channels-last, bf16 weights and a
+    max-autotune compilation. The compiled rows and diffusers' bf16 row carry a kernel profile of one batch."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser, sample
+    from sdeflow.models import UNet
+    from sdeflow.models.layers import set_attention_backend
+
+    dev, peak = bench.device, bench.peak
+    b = bench.n(256, 4)
+    s = size("unet", bench.smoke)
+    reps = bench.n(3, 1)
+
+    flops: dict[str, float] = {}  # per image and network evaluation, by library
+
+    def timed(fn: Callable[[], object], lib: str, variant: str, params: float, profiled: bool = False) -> dict:
+        fn()  # warm-up: compilation, graph capture, cuDNN autotuning
+        m = time_steps(fn, dev, 0, 1, reps)
+        r = {
+            "mfu": flops[lib] * nfe * b / m["sec"] / peak,
+            "gflop_per_image_forward": flops[lib] / 1e9,
+            "part": "sample_unet",
+            "library": lib,
+            "variant": variant,
+            "params_M": round(params / 1e6, 2),
+            "batch": b,
+            "nfe": nfe,
+            "images_per_s": b / m["sec"],
+            "seconds_per_batch": m["sec"],
+            "spread": m["spread"],
+            "peak_mem_GiB": m["mem"],
+        }
+        if profiled and dev.type == "cuda":
+            r["profile"] = profile(fn, dev, steps=1)
+        return r
+
+    set_attention_backend("default")
+    torch.manual_seed(0)
+    unet = diffusers_unet(bench.smoke).to(dev).eval()
+    n_diff = sum(p.numel() for p in unet.parameters())
+    t = torch.tensor([10, 20], device=dev)
+    flops["diffusers"] = forward_flops_per_image(lambda x, u=unet: u(x, t), (3, 32, 32), dev)
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        pipe = DDIMPipeline(unet=unet.to(dtype), scheduler=DDIMScheduler(num_train_timesteps=1000))
+        pipe.set_progress_bar_config(disable=True)
+        # "pt": the pipeline's numpy/PIL conversion fails for bf16; the host copy is ours, on both sides
+        run = lambda p=pipe: p(batch_size=b, num_inference_steps=nfe, output_type="pt").images.float().cpu()  # noqa: E731
+        yield timed(run, "diffusers", f"DDIMPipeline {name}, eager", n_diff, profiled=name == "bf16")
+        if name == "bf16" and dev.type == "cuda":  # the cuDNN autotuning that sdeflow's rows get, given to diffusers
+            torch.backends.cudnn.benchmark = True
+            yield timed(run, "diffusers", "DDIMPipeline bf16, eager, cudnn.benchmark", n_diff)
+            torch.backends.cudnn.benchmark = False
+        del pipe, run
+    del unet
+    free()
+
+    set_attention_backend("auto", dev)
+    process = VPDiscreteProcess()
+    net = UNet.preset(
+        "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
+    )
+    for p in net.parameters():  # a non-degenerate network (the output layer is zero-initialised)
+        torch.nn.init.normal_(p, std=0.02)
+    den = Denoiser(net.to(dev).eval(), process, "eps")
+    n_ours = sum(p.numel() for p in net.parameters())
+    flops["sdeflow"] = forward_flops_per_image(lambda x: den(x, torch.ones(2, device=dev)), (3, 32, 32), dev)
+    cuda = dev.type == "cuda"
+
+    def ddim(model: Callable) -> Callable[[], torch.Tensor]:
+        return lambda: (
+            sample(model, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev).samples.float().cpu()
+        )
+
+    yield timed(ddim(accelerate_denoiser(den, "bf16")), "sdeflow", "ddim bf16, eager", n_ours)
+    if cuda:
+        yield timed(
+            ddim(accelerate_denoiser(den, "bf16", cuda_graphs=True)), "sdeflow", "ddim bf16, CUDA graphs", n_ours
+        )
+    # each compiled variant: timed and profiled as launched, then the same compiled code replayed from CUDA graphs;
+    # the channels-last / bf16-weight variants convert the network in place, so they come last, each adding one
+    # conversion to the one before; "PyTorch GroupNorm" is the channels-last network before sdeflow's GroupNorm
+    cl = {"compile": True, "channels_last": True}
+    variants: list[tuple[str, Callable[[], Callable]]] = [
+        ("bf16, compile", lambda: accelerate_denoiser(den, "bf16", compile=True)),
+        (
+            "bf16, channels-last, compile, PyTorch GroupNorm",
+            lambda: accelerate_denoiser(use_torch_group_norm(den), "bf16", **cl),
+        ),
+        ("bf16, channels-last, compile", lambda: accelerate_denoiser(use_torch_group_norm(den, False), "bf16", **cl)),
+        ("bf16 weights, channels-last, compile", lambda: accelerate_denoiser(den, "bf16", **cl, cast_weights=True)),
+    ]
+    if autotune:  # Triton templates tried against cuBLAS / cuDNN for every product, epilogues fused into them
+        variants += [
+            (
+                "bf16 weights, channels-last, compile (max-autotune)",
+                lambda: accelerate_denoiser(den, "bf16", **cl, compile_mode="max-autotune-no-cudagraphs"),
+            ),
+        ]
+    for variant, build in variants:
+        try:
+            fast = build()
+            yield timed(ddim(fast), "sdeflow", f"ddim {variant}", n_ours, profiled=True)
+            if cuda:
+                yield timed(ddim(CUDAGraphDenoiser(fast)), "sdeflow", f"ddim {variant} + CUDA graphs", n_ours)
+        except Exception as e:  # a failing variant is recorded, the next one runs
+            yield {"part": "sample_unet", "library": "sdeflow", "variant": f"ddim {variant}", "error": f"{e}"[:300]}
+        fast = None
+        free()
+
+
+def write_report(out: Path) -> None:
+    metas, rows = load_results(out, "speed_sample")
+    (out / "speed_sample.md").write_text(
+        speed_tables(metas, rows, "Sampling speed: sdeflow and diffusers side by side")
+    )
+    title = "Kernel profiles: sdeflow's and diffusers' sampling runs (GPU kernel time)"
+    (out / "speed_sample_profile.md").write_text(profile_markdown(rows, title))
+    print((out / "speed_sample.md").read_text())
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--autotune", action="store_true", help="also sample with a max-autotune compilation")
+
+
+def main() -> None:
+    bench, args = start("speed_sample", __doc__, _args)
+    if bench is None:
+        return write_report(Path(args.out))
+    try:
+        for r in sampling_rows(bench, autotune=args.autotune):
+            bench.add(r)
+    except Exception as e:  # a failure outside one variant: recorded, the report still written
+        bench.add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
+    write_report(bench.out)
+
+
+if __name__ == "__main__":
+    main()
