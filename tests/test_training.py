@@ -1,5 +1,6 @@
 """Trainer: exact resume, atomic and verified checkpoints, DDP equivalence, NaN guard, configs and CLI."""
 
+import json
 import math
 import os
 import socket
@@ -53,6 +54,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg_b, progress=False, stop_after=6).fit()  # "killed" at step 6; last checkpoint: step 4
     assert find_latest(tmp_path / "b" / "checkpoints").name == "step_00000004"
+    (tmp_path / "b" / "checkpoints" / ".step_00000006.killed").mkdir()  # what a kill mid-write leaves
     b = Trainer(cfg_b, resume=True, progress=False)
     assert b.step == 4
     b.fit()
@@ -64,6 +66,9 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ema_a.parameters(), ema_b.parameters()))
     assert (tmp_path / "a" / "loss.png").is_file() and (tmp_path / "a" / "samples.png").is_file()
     assert (tmp_path / "a" / "config.yaml").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
+    assert not [p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith(".")]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # one line per step although steps 5 and 6 ran twice
 
 
 def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
@@ -339,8 +344,9 @@ def test_cli_train_sample_and_class_flag(tmp_path, capsys):
     w16 = ["--precision", "bf16", "--cast-weights", "--channels-last"]
     assert cli_main([*args, "--out", str(tmp_path / "w16"), *w16]) == 0
     assert 0 < np.abs(f32 - np.load(tmp_path / "w16" / "samples.npz")["x"]).max() < 0.1
-    with pytest.raises(SystemExit, match="--cast-weights needs --precision"):
-        cli_main([*args, "--out", str(tmp_path / "x"), "--cast-weights"])
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "x"), "--cast-weights"]) == 2
+    assert "--cast-weights needs --precision" in capsys.readouterr().err
     assert train(5, "--resume") == 0  # resume from the command line continues where it stopped
     assert find_latest(tmp_path / "r" / "checkpoints").name == "step_00000005"
     assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
@@ -353,3 +359,41 @@ def test_cli_demo_writes_grid_plot_and_metrics(tmp_path):
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert {"fd_classifier_features", "class_accuracy_of_samples", "final_loss"} <= set(m)
     assert (tmp_path / "demo" / "samples.png").is_file() and (tmp_path / "demo" / "loss.png").is_file()
+
+
+def test_divergence_guard_names_a_checkpoint_with_finite_weights_that_samples(tmp_path):
+    """A loss spike (data scaled by 10⁴ after step 6: the loss jumps by ~10⁸) stops the run before anything is
+    saved; the checkpoint the message names loads and samples finite images."""
+    import re
+
+    import sdeflow
+
+    cfg = _cfg(tmp_path, "train.grad_accum=1", "train.divergence_window=3", "train.divergence_factor=100")
+    tr = Trainer(cfg, progress=False)
+    orig = tr.stream.batch
+
+    def exploding(step, micro, phase=0):
+        batch = orig(step, micro, phase)
+        if step >= 6:
+            batch.x = batch.x * 1e4
+        return batch
+
+    tr.stream.batch = exploding
+    with pytest.raises(TrainingDivergedError, match=r"over 100× the median .* at step 7") as info:
+        tr.fit()
+    named = Path(re.search(r"last good checkpoint is (\S+?);", str(info.value)).group(1))
+    assert named.name == "step_00000004" and sorted(p.name for p in named.parent.glob("step_*")) == [named.name]
+    m = sdeflow.load(named)
+    x = sdeflow.sample(m.denoiser, (4, *m.data_shape), m.process, "euler", steps=3, seed=0, cond=torch.arange(4))
+    assert torch.isfinite(x.samples).all()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "train.steps=2"), progress=False)
+    tr.fit()
+    with torch.no_grad():
+        next(tr.objective.net.parameters()).fill_(float("inf"))
+    tr.step = 8
+    with pytest.raises(TrainingDivergedError, match=r"weights are not finite at step 8.*step_00000002"):
+        tr.save()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]

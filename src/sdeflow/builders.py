@@ -102,6 +102,11 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
         raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
     net = build_network(cfg.model, shape)
     which = "ema" if ema else "model"
+    bad = sorted(k for k, v in ck[which].items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(
+            f"{ck['path']}/{which}.safetensors holds non-finite weights ({bad[:3]}): the run diverged"
+        )
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
     r = build_recipe(cfg.diffusion)
     den = build_denoiser(net.to(device), r, cfg.diffusion).eval()

@@ -28,13 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "find_latest", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
-
-
-class CheckpointError(RuntimeError):
-    """A missing, incomplete or corrupted checkpoint; the message names the file."""
 
 
 def _sha256(path: Path) -> str:

@@ -127,6 +127,10 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     tensorboard: bool = True
+    # divergence guard: stop when a loss exceeds divergence_factor × the median of the last divergence_window
+    # losses (checked once that many are known; 0 turns the spike check off; NaN/Inf always stop the run)
+    divergence_factor: float = 1000.0
+    divergence_window: int = 100
 
 
 @dataclass
@@ -298,6 +302,22 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _one_of("train.ema.kind", t.ema.kind, EMA_KINDS)
     if t.ema.kind == "fixed" and not 0 <= t.ema.decay < 1:
         raise ConfigError(f"train.ema.decay must lie in [0, 1), got {t.ema.decay}")
+    for key, value in (
+        ("train.lr", t.lr),
+        ("train.weight_decay", t.weight_decay),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.log_every", t.log_every),
+        ("train.keep_last", t.keep_last),
+        ("train.divergence_factor", t.divergence_factor),
+        ("train.divergence_window", t.divergence_window),
+        ("train.ema.start_step", t.ema.start_step),
+        ("data.num_samples", cfg.data.num_samples),
+    ):
+        _at_least(key, value, 0)
+    if t.ema.kind == "power" and not 0 < t.ema.std < 12**-0.5:  # EDM2's profile needs γ > 0: σ_rel < √(1/12)
+        raise ConfigError(f"train.ema.std must lie in (0, 0.2887), got {t.ema.std}")
+    if cfg.data.resolution is not None:
+        _at_least("data.resolution", cfg.data.resolution, 2)
     if not 0 <= t.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must lie in [0, 1), got {t.label_dropout}")
     optimizer_class(t.optimizer)

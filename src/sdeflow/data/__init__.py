@@ -32,6 +32,7 @@ class DataConfig(Protocol):
     on_error: str
     horizontal_flip: bool
 
+
 __all__ = [
     "TOYS",
     "ArrayImageDataset",

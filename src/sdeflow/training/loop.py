@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from ..checkpoint import find_latest
 from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
-from . import state
+from ..errors import TrainingDivergedError
+from . import run_folder, state
 from .diffusion import DiffusionObjective
 from .objective import Objective
 from .optim import build_phases
@@ -33,8 +35,17 @@ from .stream import BatchStream, step_seed
 __all__ = ["Trainer", "TrainingDivergedError"]
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+def divergence(losses: dict[str, float], history: list[float], factor: float, window: int) -> str:
+    """Why a step's losses end the run, or "": a NaN/Inf loss, or a total over ``factor`` × the median of the last
+    ``window`` totals (a spike: the run is diverging before it overflows)."""
+    bad = [f"{k} {v}" for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        return f"loss is {next(iter(losses.values()))}" if len(losses) == 1 else f"losses {bad} are not finite"
+    if factor > 0 and window > 0 and len(history) >= window:
+        median = statistics.median(history[-window:])
+        if sum(losses.values()) > factor * median:
+            return f"loss {sum(losses.values()):.4g} is over {factor:g}× the median {median:.4g} of the last {window}"
+    return ""
 
 
 class Trainer:
@@ -46,6 +57,7 @@ class Trainer:
         progress: show a progress bar (rank 0 only).
         stop_after: stop (as if killed) after this many steps of this invocation, for tests and time-boxed runs.
         objective: what to train; default :class:`DiffusionObjective` built from ``cfg``.
+        overwrite: start afresh in a folder that holds a run, moving that run aside (see :mod:`.run_folder`).
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class Trainer:
         progress: bool = True,
         stop_after: int | None = None,
         objective: Objective | None = None,
+        overwrite: bool = False,
     ):
         self.cfg, self.progress, self.stop_after = cfg, progress, stop_after
         t = cfg.train
@@ -67,6 +80,10 @@ class Trainer:
             )
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.replaced = run_folder.prepare(self.out, bool(resume), overwrite)
+        if self.world > 1:
+            dist.barrier()
         self.dataset = build_dataset(cfg.data, cfg.seed)
         self.data_shape = tuple(self.dataset.shape)
         if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
@@ -85,6 +102,8 @@ class Trainer:
             self.objective.to(memory_format=torch.channels_last)
         self.objective.distribute(rt.wrapper(t))
         self.phases = build_phases(self.objective, t, self.device)
+        if self.rank == 0 and (t.ckpt_every > 0 or t.steps > 0):  # weights, EMA, optimizer moments: ≈ 4× the model
+            run_folder.check_disk(self.out, 4 * sum(p.numel() * p.element_size() for p in self.objective.parameters()))
         self.step = 0
         self.losses: list[float] = []
         if resume:
@@ -175,6 +194,11 @@ class Trainer:
         """Write a checkpoint of the run now (rank 0; other ranks return None)."""
         if self.rank != 0:
             return None
+        if not all(bool(torch.isfinite(p).all()) for p in self.objective.parameters()):
+            raise TrainingDivergedError(
+                f"the weights are not finite at step {self.step}: training stopped without saving. The last good "
+                f"checkpoint is {find_latest(self.ckpt_dir) or '(none written yet)'}; lower train.lr."
+            )
         return state.save(self.ckpt_dir, self.step, self.cfg, self.objective, self.phases, self.data_shape, self.losses)
 
     def sample_figure(self, path: Path, n: int | None = None) -> Path | None:
@@ -191,8 +215,12 @@ class Trainer:
 
     def _resume(self, path: Path | None) -> None:
         if path is not None:
+            from ..checkpoint import load_checkpoint
+
+            run_folder.check_resume_config(load_checkpoint(path)["meta"].get("config", {}), self.cfg.to_dict())
             self.step, self.losses = state.restore(path, self.objective, self.phases)
         if self.rank == 0:
+            run_folder.truncate_metrics(self.out / "metrics.jsonl", self.step)
             print(f"resumed from {path} at step {self.step}" if path else f"no checkpoint under {self.ckpt_dir}")
 
     def _flush(self, pending: list[dict[str, Tensor]], log: RunLogger | None) -> None:
@@ -202,15 +230,16 @@ class Trainer:
         values = torch.stack([torch.stack(list(r.values())) for r in pending]).float().cpu().tolist()
         rows = [dict(zip(r, v)) for r, v in zip(pending, values)]
         first = self.step - len(rows) + 1
+        t = self.cfg.train
         for i, row in enumerate(rows):
-            bad = [f"{k} {v}" for k, v in row.items() if not math.isfinite(v)]
-            if bad:
+            what = divergence(row, self.losses, t.divergence_factor, t.divergence_window)
+            if what:
                 last = find_latest(self.ckpt_dir) or "(none written yet)"
-                what = f"loss is {next(iter(row.values()))}" if len(row) == 1 else f"losses {bad} are not finite"
                 raise TrainingDivergedError(
                     f"{what} at step {first + i}: training stopped. The last good checkpoint is {last}; lower "
-                    "train.lr, enable train.grad_clip or check the data for NaN/Inf."
+                    "train.lr, enable train.grad_clip or check the data for NaN/Inf (train.divergence_factor sets "
+                    "the spike check)."
                 )
-        self.losses.extend(sum(r.values()) for r in rows)
+            self.losses.append(sum(row.values()))
         if log is not None:
             log.write(first, rows, next(iter(self.phases.values())).scheduler.get_last_lr()[0])

@@ -1,0 +1,214 @@
+"""What each ``sdeflow`` subcommand does with its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+__all__ = ["demo", "evaluate", "load_model_from_checkpoint", "nll", "sample", "train"]
+
+
+def train(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..training import Trainer
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.out_dir = args.out
+    trainer = Trainer(cfg, resume=args.resume or False, progress=not args.quiet, overwrite=args.overwrite)
+    summary = trainer.fit()
+    trainer.close()  # under torchrun: wait for every rank, then leave cleanly
+    if trainer.rank == 0:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def load_model_from_checkpoint(path: str | Path, ema: bool = True, device: str = "cpu"):
+    """(denoiser, recipe, data_shape, num_classes, config) of a checkpoint; :func:`sdeflow.load` returns more."""
+    from ..builders import load
+
+    m = load(path, ema, device)
+    return m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
+
+
+def _accelerated(model, den, args: argparse.Namespace):
+    """``model`` (``den`` or a guidance wrapper around it) with the speed options of ``args``."""
+    from ..config import PRECISIONS
+    from ..sampling import accelerate_denoiser
+
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise UsageError("--cuda-graphs needs --device cuda")
+    if args.cast_weights and PRECISIONS[args.precision] is None:
+        raise UsageError("--cast-weights needs --precision bf16 or fp16")
+    return accelerate_denoiser(
+        model,
+        args.precision,
+        args.compile,
+        args.cuda_graphs,
+        channels_last=args.channels_last,
+        cast_weights=args.cast_weights,
+        network=den,  # ``model`` may be a guidance wrapper around den
+    )
+
+
+def sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..data import save_image_grid
+    from ..sampling import sample
+
+    den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    model = den
+    labels = None
+    if args.class_label is not None or args.cfg is not None:
+        if not num_classes:
+            raise UsageError("--class/--cfg need a class-conditional model (model.num_classes > 0)")
+        if args.class_label is not None and not 0 <= args.class_label < num_classes:
+            raise UsageError(f"--class must lie in [0, {num_classes})")
+    if num_classes:
+        labels = (
+            torch.full((args.n,), args.class_label)
+            if args.class_label is not None
+            else torch.arange(args.n) % num_classes
+        ).to(args.device)
+    if args.cfg is not None:
+        from ..sampling.guidance import ClassifierFreeGuidance
+
+        model = ClassifierFreeGuidance(den, args.cfg, args.cfg_interval)
+    model = _accelerated(model, den, args)
+    t0 = time.time()
+    res = sample(
+        model,
+        (args.n, *shape),
+        r.process,
+        args.sampler or cfg.sample.sampler,
+        args.steps if args.steps is not None else cfg.sample.steps,
+        args.schedule,
+        cond=labels,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = res.samples.float().cpu()
+    np.savez(out / "samples.npz", x=x.numpy(), y=(labels.cpu().numpy() if labels is not None else np.array([])))
+    if len(shape) == 3:
+        save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
+    print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..demo import digits_demo_metrics
+    from ..training import Trainer
+
+    cfg_path = resources.files("sdeflow") / "demo.yaml"
+    overrides = [f"out_dir={args.out}"] + (args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(str(cfg_path), overrides)
+    t0 = time.time()
+    trainer = Trainer(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    summary = trainer.fit()
+    metrics = {"train_seconds": round(time.time() - t0, 1), **summary, **digits_demo_metrics(trainer)}
+    metrics["total_seconds"] = round(time.time() - t0, 1)
+    out = Path(cfg.out_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    print(f"\nsample grid: {out / 'samples.png'}\nloss plot:   {out / 'loss.png'}\nmetrics:     {out / 'metrics.json'}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from ..data import build_dataset
+    from ..evaluation import evaluate_samplers, feature_spaces, write_eval_report
+
+    den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    model = den
+    if args.cfg is not None:
+        from ..sampling.guidance import ClassifierFreeGuidance
+
+        model = ClassifierFreeGuidance(den, args.cfg)
+    model = _accelerated(model, den, args)
+    ds = build_dataset(cfg.data, cfg.seed)
+    if not hasattr(ds, "x") or len(shape) != 3:
+        raise UsageError("sdeflow eval needs an image dataset held in memory")
+    cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
+    feature_fns, reference, real = feature_spaces(
+        ds.x, ds.y, cache, cfg.data.name, args.device, args.fid, args.inception_weights
+    )
+    if not feature_fns:
+        raise UsageError("no feature space: the dataset has no labels for the classifier; pass --fid")
+    rows = evaluate_samplers(
+        model,
+        r.process,
+        shape,
+        args.samplers,
+        args.nfe,
+        args.n,
+        feature_fns,
+        reference,
+        num_classes,
+        args.seed,
+        args.device,
+        real_features=real,
+    )
+    meta = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": cfg.data.name,
+        "n": args.n,
+        "cfg": args.cfg,
+        "ema": not args.no_ema,
+    }
+    write_eval_report(rows, args.out, "Sample quality vs NFE", meta)
+    print((Path(args.out) / "eval.md").read_text())
+    return 0
+
+
+def nll(args: argparse.Namespace) -> int:
+    import math
+
+    from ..config import DataConfig
+    from ..data import build_dataset
+    from ..sampling.likelihood import bits_per_dim, dequantize, log_likelihood
+
+    den, r, shape, _num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    data_cfg = DataConfig(**{**cfg.data.__dict__, "split": args.split})
+    ds = build_dataset(data_cfg, cfg.seed)
+    x = ds.x[: args.n]
+    g = torch.Generator().manual_seed(args.seed)
+    from tqdm.auto import tqdm
+
+    vals = []
+    for i in tqdm(range(0, len(x), args.batch), desc="nll"):
+        xb = x[i : i + args.batch]
+        if args.levels:
+            xb = dequantize(xb, args.levels, g)
+        res = log_likelihood(
+            den,
+            xb.to(args.device),
+            r.process.sigma_min,
+            args.sigma_max if args.sigma_max is not None else r.process.sigma_max,
+            divergence=args.divergence,
+            rtol=args.tol,
+            atol=args.tol,
+            generator=torch.Generator(device=args.device).manual_seed(args.seed + i),
+        )
+        vals.append(res.log_prob.double().cpu())
+    lp = torch.cat(vals)
+    dims = int(torch.tensor(shape).prod())
+    out = {"n": len(lp), "nats": float(lp.mean()), "nats_se": float(lp.std() / math.sqrt(len(lp)))}
+    if args.levels:
+        bpd = bits_per_dim(lp, dims, args.levels)
+        out.update(bits_per_dim=float(bpd.mean()), bits_per_dim_se=float(bpd.std() / math.sqrt(len(bpd))))
+    print(json.dumps(out, indent=1))
+    return 0
