@@ -166,3 +166,39 @@ def test_bundled_datasets_and_toys():
     assert build_dataset(DataConfig(name="toy:moons", num_samples=50)).x.shape == (50, 2)
     with pytest.raises(ValueError, match="unknown toy dataset"):
         make_toy("circles", 10)
+
+
+def _expected_unit(v):
+    return v / 127.5 - 1  # 8-bit value → [-1, 1]
+
+
+@pytest.mark.parametrize(
+    ("mode", "make", "expected"),
+    [
+        ("1", lambda: Image.new("1", (4, 4), 1), 255),
+        ("L", lambda: Image.new("L", (4, 4), 100), 100),
+        ("P", lambda: Image.new("L", (4, 4), 100).convert("P"), 100),
+        ("RGB", lambda: Image.new("RGB", (4, 4), (100, 100, 100)), 100),
+        ("CMYK", lambda: Image.new("RGB", (4, 4), (100, 100, 100)).convert("CMYK"), 100),
+        ("YCbCr", lambda: Image.new("RGB", (4, 4), (100, 100, 100)).convert("YCbCr"), 100),
+        ("I;16", lambda: Image.fromarray(np.full((4, 4), 60000, np.uint16)), round(60000 * 255 / 65535)),
+        ("I", lambda: Image.fromarray(np.full((4, 4), 30000, np.int32)), round(30000 * 255 / 65535)),
+        ("LA", lambda: Image.new("LA", (4, 4), (0, 128)), round(255 * (1 - 128 / 255))),  # black, half over white
+        ("RGBA", lambda: Image.new("RGBA", (4, 4), (0, 0, 0, 0)), 255),  # fully transparent: the white ground
+    ],
+)
+def test_every_pillow_mode_is_read_as_it_is_meant(tmp_path, mode, make, expected):
+    """Each mode lands at the grey value it means (16-bit scaled, not clipped; alpha over white), ±1 level."""
+    im = make()
+    assert im.mode == mode
+    ext = ".tiff" if mode in ("CMYK", "YCbCr", "I") else ".png"
+    im.save(tmp_path / f"img{ext}")
+    ds = ImageFolderDataset(tmp_path, resolution=4, channels=1, on_error="raise")
+    assert ds.x.shape == (1, 1, 4, 4)
+    assert float((ds.x - _expected_unit(expected)).abs().max()) <= 1.01 / 127.5
+
+
+def test_float_images_are_refused_with_their_name(tmp_path):
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "depth.tiff")
+    with pytest.raises(ValueError, match=r"depth.tiff: floating-point image"):
+        ImageFolderDataset(tmp_path, resolution=4, on_error="raise")

@@ -12,7 +12,7 @@ import logging
 import pickle
 import struct
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def _to_unit(x: np.ndarray | Tensor, max_value: float = 255.0) -> Tensor:
@@ -235,11 +235,35 @@ def load_npz(path: str | Path, resolution: int | None = None) -> ArrayImageDatas
 
 
 # ------------------------------------------------------------------------------------------------
+def to_8bit(im: Any, channels: int, path: Path) -> Any:
+    """A Pillow image in 8-bit ``RGB`` (``L`` for one channel) with its values where the file means them.
+
+    16-bit grey (``I;16*``, and ``I`` holding 0..65535) is scaled by 255/65535, not clipped at 255 as Pillow's
+    ``convert('L')`` does; transparency (``RGBA``, ``LA``, ``PA``, palettes with a transparent entry) is
+    composited over white, as a viewer shows it; floating-point images (``F``) have no agreed range and are
+    refused with the file's name."""
+    from PIL import Image
+
+    target = "RGB" if channels == 3 else "L"
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: 32-bit integer image with values outside 0..65535 (range unknown)")
+        return Image.fromarray(np.round(a * (255 / 65535)).astype(np.uint8), "L").convert(target)
+    if im.mode == "F":
+        raise DataError(f"{path}: floating-point image (mode F) has no agreed value range; save it as 8 or 16 bit")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert(target)
+    return im.convert(target)
+
+
 class ImageFolderDataset(ArrayImageDataset):
     """Images under ``root``: one sub-folder per class (sorted names → labels), or flat (no labels).
 
-    Every image is converted to RGB (or L with ``channels=1``), resized on its short side and
-    center-cropped to ``resolution``. Unreadable or corrupt files are reported by name, then skipped
+    Every image is converted to 8-bit RGB (or L with ``channels=1``) by :func:`to_8bit`, resized on its short
+    side and center-cropped to ``resolution``. Unreadable or corrupt files are reported by name, then skipped
     (``on_error='skip'``) or refused (``on_error='raise'``).
     """
 
@@ -276,7 +300,7 @@ class ImageFolderDataset(ArrayImageDataset):
         for f, y in files:
             try:
                 with Image.open(f) as im:
-                    im = im.convert("RGB" if channels == 3 else "L")
+                    im = to_8bit(im, channels, f)
                     w, h = im.size
                     s = resolution / min(w, h)
                     im = im.resize(
