@@ -248,3 +248,40 @@ def test_one_precision_table_for_trainer_sampler_and_cli():
         a for a in build_parser()._subparsers._group_actions[0].choices["sample"]._actions if a.dest == "precision"
     )
     assert list(action.choices) == list(PRECISIONS)
+
+
+LAYERS = [  # bottom up, as the README's layout lists them; a module may import only from its layer or below
+    {"_moved", "core"},
+    {"models"},
+    {"errors"},
+    {"data"},
+    {"checkpoint"},
+    {"sampling", "interop"},
+    {"config"},
+    {"builders"},
+    {"evaluation"},
+    {"training"},
+    {"demo"},
+    {"cli"},
+]
+
+
+def test_every_import_goes_down_the_layers():
+    import ast
+
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    src = ROOT / "src" / "sdeflow"
+    upward = []
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src).with_suffix("").parts
+        if parts == ("__init__",):
+            continue  # the package's public face gathers every layer
+        own = layer[parts[0]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                package = parts[: len(parts) - node.level]  # `from ..x import` climbs `level` folders
+                names = [n for n in (*package, *(node.module or "").split(".")) if n]
+                top = names[0] if names else node.names[0].name
+                if top in layer and layer[top] > own:
+                    upward.append(f"{'/'.join(parts)} imports {'.'.join(names)} (layer {layer[top]} > {own})")
+    assert not upward, upward

@@ -57,6 +57,8 @@ def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
         return build_model(cfg.kind, preset=cfg.preset, **kw)
     except TypeError as e:
         raise ConfigError(f"model.kwargs do not fit model.kind '{cfg.kind}': {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"model.preset / model.kwargs: {e}") from None
 
 
 def build_denoiser(net: nn.Module, r: Recipe, cfg: DiffusionConfig, check_range: bool = True) -> Denoiser:

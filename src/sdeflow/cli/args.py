@@ -11,35 +11,27 @@ import torch
 __all__ = ["device", "float_pair", "listed", "positive_float", "positive_int", "quantisation_levels"]
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, cast: Callable[[str], float], rule: str, ok: Callable[[float], bool]):
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a whole number >= 1", lambda v: v >= 1)
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+    return _number(text, float, "a finite number > 0", lambda v: 0 < v < float("inf"))
 
 
 def quantisation_levels(text: str) -> int:
     """0 (continuous data) or L >= 2 levels."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 0 or a whole number >= 2, got {text!r}") from None
-    if value != 0 and value < 2:
-        raise argparse.ArgumentTypeError(f"expected 0 (continuous) or >= 2 levels, got {value}")
-    return value
+    return _number(text, int, "0 (continuous) or >= 2 levels", lambda v: v == 0 or v >= 2)
 
 
 def float_pair(text: str) -> tuple[float, float]:
