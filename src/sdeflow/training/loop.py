@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..checkpoint import find_latest
+from ..checkpoint import find_latest, load_checkpoint
 from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
 from ..errors import TrainingDivergedError
@@ -215,10 +215,9 @@ class Trainer:
 
     def _resume(self, path: Path | None) -> None:
         if path is not None:
-            from ..checkpoint import load_checkpoint
-
-            run_folder.check_resume_config(load_checkpoint(path)["meta"].get("config", {}), self.cfg.to_dict())
-            self.step, self.losses = state.restore(path, self.objective, self.phases)
+            ck = load_checkpoint(path)
+            run_folder.check_resume_config(ck["meta"].get("config", {}), self.cfg.to_dict())
+            self.step, self.losses = state.restore(ck, self.objective, self.phases)
         if self.rank == 0:
             run_folder.truncate_metrics(self.out / "metrics.jsonl", self.step)
             print(f"resumed from {path} at step {self.step}" if path else f"no checkpoint under {self.ckpt_dir}")

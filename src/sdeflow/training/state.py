@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..checkpoint import load_weights, save_checkpoint
 from ..config import ExperimentConfig
 from .objective import Objective
 from .optim import Phase
@@ -52,9 +52,10 @@ def save(
     return save_checkpoint(directory, step, model, ema, state, meta, keep_last=cfg.train.keep_last)
 
 
-def restore(path: Path, objective: Objective, phases: dict[str, Phase]) -> tuple[int, list[float]]:
-    """Load checkpoint ``path`` into the objective's modules, the phases and the RNGs; returns (step, losses)."""
-    ck = load_checkpoint(path)
+def restore(ck: dict[str, Any], objective: Objective, phases: dict[str, Phase]) -> tuple[int, list[float]]:
+    """Load a checkpoint read by :func:`~sdeflow.checkpoint.load_checkpoint` into the objective's modules, the
+    phases and the RNGs; returns (step, losses)."""
+    path = Path(ck["path"])
     model, ema = objective.saved_modules()
     load_weights(model, ck["model"], str(path / "model.safetensors"))
     if ema is not None:
