@@ -104,3 +104,45 @@ def test_flow_heun_matches_flow_match_heun(shift):
     ours = flow_heun(GM, noise / (1 - float(t[0])), sigmas, process=FlowProcess(t_max=1 - 1e-7))
     print(f"flow_heun shift {shift}: relative difference {_rel(ours, x):.2e}")
     assert nfe == 15 and _rel(ours, x) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "options", "ours"),
+    [
+        ("unipc", "UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}, "unipc"),
+        # third order to the last step; 'heun' is the second-order form DPM-Solver++(3M) uses on its second step
+        (
+            "dpmpp_3m",
+            "DPMSolverMultistepScheduler",
+            {"solver_order": 3, "solver_type": "heun", "lower_order_final": False},
+            "dpmpp_3m",
+        ),
+        ("dpmpp_2m, Karras σ", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m"),
+        ("euler, Karras σ", "EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler"),
+    ],
+)
+def test_more_schedulers_match_diffusers(name, cls, options, ours):
+    """Options both libraries have: UniPC, DPM-Solver++(3M) and Karras σ grids, on the same oracle and noise."""
+    from sdeflow.sampling.samplers import SAMPLERS
+
+    sch = getattr(diffusers, cls)(**BETAS, **options)
+    sch.set_timesteps(10)
+    grid = torch.unique_consecutive(sch.sigmas.double())
+    noise = _noise()
+    ref, _ = run_diffusers_scheduler(sch, GM, noise)
+    start = sch.init_noise_sigma if cls.startswith("Euler") else (1 + grid[0] ** 2) ** 0.5  # σ-space vs VP x_T
+    out = SAMPLERS[ours](GM, noise * start, grid)
+    print(f"{name}: relative difference {_rel(out, ref):.2e}")
+    assert _rel(out, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_discrete_spacings_are_diffusers_timesteps(spacing):
+    from sdeflow.sampling.schedules import ddpm_discrete
+
+    proc = VPDiscreteProcess()
+    for n in (10, 17, 50):
+        sch = diffusers.DDIMScheduler(**BETAS, timestep_spacing=spacing)
+        sch.set_timesteps(n)
+        ours = proc.t_of_sigma(ddpm_discrete(n, proc, spacing)[:-1]).round().long()
+        assert ours.tolist() == sch.timesteps.tolist(), (spacing, n)
