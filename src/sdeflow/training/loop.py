@@ -102,8 +102,8 @@ class Trainer:
             self.objective.to(memory_format=torch.channels_last)
         self.objective.distribute(rt.wrapper(t))
         self.phases = build_phases(self.objective, t, self.device)
-        if self.rank == 0 and (t.ckpt_every > 0 or t.steps > 0):  # weights, EMA, optimizer moments: ≈ 4× the model
-            run_folder.check_disk(self.out, 4 * sum(p.numel() * p.element_size() for p in self.objective.parameters()))
+        if self.rank == 0:  # a checkpoint: the objective's parameters (EMA included) and about as much optimizer state
+            run_folder.check_disk(self.out, 2 * sum(p.numel() * p.element_size() for p in self.objective.parameters()))
         self.step = 0
         self.losses: list[float] = []
         if resume:
