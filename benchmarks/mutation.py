@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -47,24 +46,32 @@ def write_report(rows: dict[str, str], meta: dict) -> None:
     for m, c in sorted(by_module.items()):
         killed = c["killed"] + c["timeout"]
         scored = killed + c["survived"] + c["no tests"]
-        table.append({"module": m, "killed": killed, "survived": c["survived"], "not_covered": c["no tests"],
-                      "not_checked": c["not checked"], "score": killed / scored if scored else None})  # fmt: skip
+        table.append({"module": m, "killed": c["killed"], "timed_out": c["timeout"], "survived": c["survived"],
+                      "not_covered": c["no tests"], "not_checked": c["not checked"],
+                      "score": killed / scored if scored else None})  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "mutation.json").write_text(json.dumps({"meta": meta, "modules": table, "survivors": survivors}, indent=1))
     lines = [
         "# Mutation score of the numerical core",
         "",
-        f"`{meta['command']}` — {meta['date']}, mutmut {meta['mutmut']}. Killed includes time-outs; score = killed /",
-        "(killed + survived + not covered); mutants not checked (the run stopped first) are left out.",
+        f"`{meta['command']}` — {meta['date']}, mutmut {meta['mutmut']}. Score = (killed + timed out) / (killed +",
+        "timed out + survived + not covered), mutmut's convention (a time-out is a changed behaviour the tests",
+        "noticed, if only by not finishing); mutants not checked (the run stopped first) are left out.",
         "",
-        "| module | killed | survived | not covered | not checked | score |",
-        "|---|---|---|---|---|---|",
+        meta.get("note", ""),
+        "",
+        "| module | killed | timed out | survived | not covered | not checked | score |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in table:
+    unchecked = [r for r in table if r["score"] is None]
+    for r in (r for r in table if r["score"] is not None):
         score = f"{r['score']:.0%}" if r["score"] is not None else ""
         lines.append(
-            f"| {r['module']} | {r['killed']} | {r['survived']} | {r['not_covered']} | {r['not_checked']} | {score} |"
+            f"| {r['module']} | {r['killed']} | {r['timed_out']} | {r['survived']} | {r['not_covered']} | "
+            f"{r['not_checked']} | {score} |"
         )
+    if unchecked:
+        lines += ["", f"Not checked yet: {', '.join(r['module'] for r in unchecked)}."]
     lines += ["", "## Survivors", ""]
     for m, names in sorted(survivors.items()):
         lines += [
@@ -78,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modules", help="comma-separated modules, e.g. sdeflow.sampling.steps (default: all configured)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", default="", help="a line under the table's heading (e.g. how the run ended)")
     args = ap.parse_args()
     if not args.report_only:
         patterns = [f"{m}*" for m in args.modules.split(",")] if args.modules else []
@@ -87,7 +95,8 @@ def main() -> None:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mutmut": getattr(mutmut, "__version__", "?"),
-        "command": "python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/mutation.py" + (f" --modules {args.modules}" if args.modules else ""),
+        "note": args.note,
     }
     write_report(results(), meta)
 

@@ -137,6 +137,7 @@ def test_stream_offsets_under_accumulation_by_hand():
     torch.testing.assert_close(rank1.batch(1, 0).x[:, 0], stream[10:12])
     a, b = one.batch(1, 0), rank1.batch(1, 0)
     torch.testing.assert_close(b.randn(3), a.randn(3)[2:])  # the same numbers, whichever rank draws them
+    torch.testing.assert_close(b.rand(2), a.rand(2)[2:])
 
 
 def test_label_dropout_replaces_labels_with_the_null_label_at_its_rate():
