@@ -93,6 +93,8 @@ CASES = [  # (argv, exit code, what the message must name)
     (_train("--set", "train.optimizer=adamm"), 2, "unknown torch optimizer 'adamm'"),
     (_train("--set", "noequals"), 2, "not of the form section.key=value"),
     (["train", "{cfg}", "--out", "{run}", "--quiet", *TINY], 2, "already holds a run"),
+    (["train", "{cfg}", "--out", "{run}", "--quiet", "--resume", "{nonfinite}", *TINY], 2, "would mix the two runs"),
+    (["train", "{cfg}", "--out", "{tmp}/new", "--quiet", "--resume", "{nonfinite}", *TINY], 2, "non-finite weights"),
     (["train", "{cfg}", "--out", "{run}", "--quiet", "--resume", *TINY, "--set", "train.lr=1e-3"], 2, "train.lr"),
     (["train", "{cfg}", "--out", "/proc/sdeflow_run", "--quiet", *TINY], 2, "cannot write to the run folder"),
     (["sample", "{ck}", "--out", "{tmp}/s", "--steps", "0"], 2, "--steps: expected a whole number >= 1"),

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["CheckpointError", "find_latest", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "check_finite", "find_latest", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 
@@ -137,6 +137,13 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     except Exception as e:
         raise CheckpointError(f"cannot read {path / 'state.pt'}: {e}") from None
     return {"model": model, "ema": ema, "state": state, "meta": meta, "path": path}
+
+
+def check_finite(weights: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf (a run that diverged): nothing trained or sampled from them is usable."""
+    bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights ({bad[:3]}): the run diverged")
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

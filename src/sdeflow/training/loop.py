@@ -81,7 +81,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if self.rank == 0:
-            self.replaced = run_folder.prepare(self.out, bool(resume), overwrite)
+            self.replaced = run_folder.prepare(self.out, resume, overwrite)
         if self.world > 1:
             dist.barrier()
         self.dataset = build_dataset(cfg.data, cfg.seed)

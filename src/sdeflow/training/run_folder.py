@@ -42,18 +42,21 @@ def _holds_a_run(out: Path) -> bool:
     return any((out / name).exists() for name in ("checkpoints", "metrics.jsonl", "config.yaml", "summary.json"))
 
 
-def prepare(out: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to start a new run in a folder that holds one (unless ``resume``); with ``overwrite``, move the
-    old run aside to ``<out>.replaced-<UTC time>`` (returned) instead of deleting anything. Then remove the
-    temporary folders a kill mid-checkpoint leaves (``checkpoints/.step_*``, ``.old_*``), and check that the
-    folder is writable."""
+def prepare(out: Path, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """Refuse to start a run in a folder that holds another one: a new run, or a resume from a checkpoint outside
+    the folder (which would continue a different run there); with ``overwrite``, move the old run aside to
+    ``<out>.replaced-<UTC time>`` (returned) instead of deleting anything. Then remove the temporary folders a
+    kill mid-checkpoint leaves (``checkpoints/.step_*``, ``.old_*``), and check that the folder is writable."""
     moved = None
-    if _holds_a_run(out) and not resume:
+    here = resume is True or (bool(resume) and Path(resume).resolve().is_relative_to(out.resolve()))
+    if _holds_a_run(out) and not here:
         if not overwrite:
-            raise RunFolderError(
-                f"{out} already holds a run: pass --resume to continue it or --overwrite to move it aside "
-                "(or choose another --out)"
+            what = (
+                f"and {resume} belongs to another: resuming it here would mix the two runs; choose another --out"
+                if resume
+                else "pass --resume to continue it or --overwrite to move it aside (or choose another --out)"
             )
+            raise RunFolderError(f"{out} already holds a run, {what}")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
         moved = out.with_name(f"{out.name}.replaced-{stamp}")
         os.rename(out, moved)

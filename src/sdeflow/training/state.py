@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_weights, save_checkpoint
+from ..checkpoint import check_finite, load_weights, save_checkpoint
 from ..config import ExperimentConfig
 from .objective import Objective
 from .optim import Phase
@@ -57,6 +57,8 @@ def restore(ck: dict[str, Any], objective: Objective, phases: dict[str, Phase]) 
     phases and the RNGs; returns (step, losses)."""
     path = Path(ck["path"])
     model, ema = objective.saved_modules()
+    for name in ("model", "ema"):
+        check_finite(ck[name], str(path / f"{name}.safetensors"))
     load_weights(model, ck["model"], str(path / "model.safetensors"))
     if ema is not None:
         load_weights(ema, ck["ema"], str(path / "ema.safetensors"))
