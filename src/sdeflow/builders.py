@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
 from .config import ConfigError, DiffusionConfig, ExperimentConfig, ModelConfig, config_from_dict
 from .core.losses import Recipe, recipe
 from .core.preconditioning import Denoiser
@@ -104,11 +104,7 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
         raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
     net = build_network(cfg.model, shape)
     which = "ema" if ema else "model"
-    bad = sorted(k for k, v in ck[which].items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    if bad:
-        raise CheckpointError(
-            f"{ck['path']}/{which}.safetensors holds non-finite weights ({bad[:3]}): the run diverged"
-        )
+    check_finite(ck[which], f"{ck['path']}/{which}.safetensors")
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
     r = build_recipe(cfg.diffusion)
     den = build_denoiser(net.to(device), r, cfg.diffusion).eval()
