@@ -8,6 +8,10 @@ module), so it runs outside CI, by module:
 
 Writes ``results/mutation.{json,md}``: per module, killed (a test failed or timed out), survived, not covered.
 Score = killed / (killed + survived + not covered); each survivor is listed, for the note to explain.
+
+Each run's verdicts are merged into ``results/mutation-records.json`` (mutant → status), so runs by module, or one on
+a machine with more cores (``--max-children 16``), add up to one table; a mutant re-run replaces its old verdict.
+Adding tests can only turn survivors into kills, so old verdicts stay valid; rerun the survivors after a test is added.
 """
 
 from __future__ import annotations
@@ -16,18 +20,29 @@ import argparse
 import datetime
 import json
 import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
+RECORDS = OUT / "mutation-records.json"
 
 
 def results() -> dict[str, str]:
     """mutant name → status, from mutmut's own records."""
-    text = subprocess.run(["mutmut", "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True).stdout
+    cmd = [sys.executable, "-m", "mutmut", "results", "--all", "true"]
+    text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout
     pairs = (line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
     return {name: status for name, status in pairs}
+
+
+def merged(fresh: dict[str, str]) -> dict[str, str]:
+    """Old records updated with this run's verdicts; mutants this run did not check keep their old verdict."""
+    rows = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
+    rows.update({k: v for k, v in fresh.items() if v != "not checked" or k not in rows})
+    RECORDS.write_text(json.dumps(dict(sorted(rows.items())), indent=0))
+    return rows
 
 
 def module_of(mutant: str) -> str:
@@ -85,11 +100,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modules", help="comma-separated modules, e.g. sdeflow.sampling.steps (default: all configured)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--max-children", type=int, help="parallel test workers (default: mutmut's, one per core)")
+    ap.add_argument("--mutants", help="comma-separated mutant names to rerun (e.g. the survivors)")
     ap.add_argument("--note", default="", help="a line under the table's heading (e.g. how the run ended)")
     args = ap.parse_args()
     if not args.report_only:
         patterns = [f"{m}*" for m in args.modules.split(",")] if args.modules else []
-        subprocess.run(["mutmut", "run", *patterns], cwd=ROOT, check=False)
+        patterns += args.mutants.split(",") if args.mutants else []
+        jobs = ["--max-children", str(args.max_children)] if args.max_children else []
+        subprocess.run([sys.executable, "-m", "mutmut", "run", *jobs, *patterns], cwd=ROOT, check=False)
     import mutmut
 
     meta = {
@@ -98,7 +117,7 @@ def main() -> None:
         "command": "python benchmarks/mutation.py" + (f" --modules {args.modules}" if args.modules else ""),
         "note": args.note,
     }
-    write_report(results(), meta)
+    write_report(merged(results()), meta)
 
 
 if __name__ == "__main__":

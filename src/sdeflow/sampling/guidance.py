@@ -73,7 +73,7 @@ class ClassifierGuidance:
             xg = x.detach().requires_grad_(True)
             logp = self.classifier(xg, sigma).gather(1, cond.long().reshape(-1, 1).to(x.device)).sum()
             (grad,) = torch.autograd.grad(logp, xg)
-        return d + self.scale * pad_dims(sigma, x) ** 2 * grad.to(d.dtype)
+        return d + (self.scale * pad_dims(sigma, x) ** 2 * grad).to(d.dtype)  # in the denoiser's dtype
 
 
 def train_noisy_classifier(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,16 +70,16 @@ def ddpm_discrete(n: int, process: VPDiscreteProcess, spacing: str = "leading", 
     T = process.num_steps
     if n > T:
         raise ValueError(f"steps ({n}) exceed the process's {T} discrete timesteps")
+    # numpy, as diffusers computes them: torch's float arange / linspace round differently at a few halves
     if spacing == "leading":
-        t = torch.arange(0, n, dtype=torch.float64) * (T // n)
-        t = t.round().flip(0) + steps_offset
+        t = (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        t = (torch.arange(T, 0, -T / n, dtype=torch.float64)).round() - 1
+        t = np.round(np.arange(T, 0, -T / n)) - 1
     elif spacing == "linspace":
-        t = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+        t = np.linspace(0, T - 1, n).round()[::-1]
     else:
         raise ValueError(f"unknown spacing '{spacing}'; choose 'leading', 'trailing' or 'linspace'")
-    return _append_zero(process.sigmas[t.long()])
+    return _append_zero(process.sigmas[torch.from_numpy(t.astype(np.int64))])
 
 
 def flow_shifted(n: int, process: FlowProcess, shift: float | None = None) -> Tensor:

@@ -1,0 +1,108 @@
+"""Sampling pieces against hand computations: every discrete spacing for every step count against diffusers'
+numpy formulas, grid dtypes, the ancestral and SDE noise levels, flow times, and one stochastic step of each
+SDE sampler recomputed from the same noise."""
+
+import math
+
+import pytest
+import torch
+
+from sdeflow import EDMProcess, FlowProcess, VEProcess, VPDiscreteProcess
+from sdeflow.sampling.schedules import ddpm_discrete, log_snr_uniform, uniform_t
+from sdeflow.sampling.steps import ancestral_step, flow_times, sde_noise_std, velocity
+from sdeflow.sampling.stochastic import euler_maruyama, predictor_corrector
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_every_step_count_matches_diffusers_spacing(spacing):
+    """diffusers' DDIMScheduler picks the same integer timesteps for every n = 1..1000 (torch's float arange and
+    linspace round a few halves the other way: trailing n = 48, linspace n = 27 once differed)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+    p = VPDiscreteProcess()
+    for n in range(1, 1001):
+        sched.set_timesteps(n)
+        got = ddpm_discrete(n, p, spacing)
+        assert torch.equal(got[:-1], p.sigmas[sched.timesteps]) and got[-1] == 0, n
+
+
+def test_discrete_schedule_defaults_and_limits():
+    p, small = VPDiscreteProcess(), VPDiscreteProcess(num_steps=10)
+    assert torch.equal(ddpm_discrete(4, p), ddpm_discrete(4, p, "leading"))
+    assert torch.equal(ddpm_discrete(10, small, "trailing")[:-1], small.sigmas.flip(0))  # n = T: every step
+    with pytest.raises(ValueError, match=r"steps \(11\) exceed the process's 10 discrete timesteps"):
+        ddpm_discrete(11, small)
+    with pytest.raises(ValueError, match="the 'ddpm_discrete' schedule needs a discrete process"):
+        ddpm_discrete(4, EDMProcess())
+
+
+def test_continuous_grids_are_float64():
+    assert log_snr_uniform(5, 0.002, 80.0).dtype == F64 and uniform_t(5, EDMProcess()).dtype == F64
+    grid = log_snr_uniform(3, 0.1, 10.0)[:-1].float().log()
+    torch.testing.assert_close(grid, torch.tensor([2.302585, 0.0, -2.302585]))
+
+
+def test_ancestral_and_sde_noise_levels_by_hand():
+    """σ_up = η σ'√(1 − σ'²/σ²), σ_down = √(σ'² − σ_up²); SDE-DPM-Solver++: σ'√(1 − e^{−2ηh})."""
+    down, up = ancestral_step(2.0, 1.0)  # default η = 1
+    assert up == pytest.approx(math.sqrt(0.75)) and down == pytest.approx(0.5)
+    assert ancestral_step(2.0, 1.0, eta=0.5)[1] == pytest.approx(0.5 * math.sqrt(0.75))
+    assert ancestral_step(2.0, 0.0) == (0.0, 0.0)
+    assert sde_noise_std(0.5, 0.3, 2.0) == pytest.approx(0.5 * math.sqrt(1 - math.exp(-1.2)))
+
+
+def test_flow_times_put_zero_at_sigma_zero():
+    ve = VEProcess()
+    assert flow_times(torch.tensor([50.0, 1.0, 0.0], dtype=F64), ve) == pytest.approx(
+        [1.0, float(ve.t_of_sigma(1.0)), 0.0])  # fmt: skip
+
+
+def test_velocity_reports_to_the_callback_only_with_a_step_index():
+    """dx_t/dt = (ṡ + b) x̃ − b D with b = s σ̇/σ; on the flow at t = ½: s = ½, σ = 1, σ̇ = 4, ṡ = −1 → b = 2."""
+    seen = []
+    model = lambda x, s, c: 0.25 * x + c  # noqa: E731
+    xt, cond = torch.tensor([[1.0]], dtype=F64), torch.tensor([[0.5]], dtype=F64)
+    v = velocity(model, xt, 1.0, 0.5, cond, FlowProcess(), lambda *a: seen.append(a), 3)
+    xs, d = 2.0, 0.25 * 2.0 + 0.5  # x̃ = x_t/s
+    assert float(v) == pytest.approx((-1 + 2) * xs - 2 * d)
+    (i, sigma, x_seen, d_seen), = seen  # fmt: skip
+    assert (i, sigma, float(x_seen), float(d_seen)) == (3, 1.0, xs, d)
+    velocity(model, xt, 1.0, 0.5, cond, FlowProcess(), lambda *a: seen.append(a))
+    assert len(seen) == 1
+
+
+def linear_model(x, sigma, cond):
+    return 0.5 * x + cond
+
+
+def test_one_euler_maruyama_step_by_hand():
+    """EDM (s = 1, σ = t): x' = x + 2(D − x)/σ·(σ − σ') + √(2σ(σ − σ')) z; the last step returns D."""
+    x, cond = torch.tensor([[1.0, -2.0]], dtype=F64), torch.tensor([[0.3, 0.1]], dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(x.shape, generator=g, dtype=F64)
+    d = linear_model(x, None, cond)
+    x1 = x + 2 * (d - x) / 2.0 * 1.0 + math.sqrt(2 * 2.0 * 1.0) * z
+    want = linear_model(x1, None, cond)
+    got = euler_maruyama(linear_model, x, torch.tensor([2.0, 1.0, 0.0], dtype=F64), cond,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_one_langevin_correction_then_predictor_by_hand():
+    """Song et al. 2021, Alg. 5: score = (D − x)/σ², ε = 2 (r ‖z‖/‖score‖)², x ← x + ε score + √(2ε) z."""
+    x = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=F64)
+    cond = torch.tensor([[0.3, 0.1], [0.0, -0.2]], dtype=F64)
+    g = torch.Generator().manual_seed(4)
+    sigma, r = 2.0, 0.16
+    score = (linear_model(x, None, cond) - x) / sigma**2
+    z = torch.randn(x.shape, generator=g, dtype=F64)
+    eps = 2 * (r * z.norm(dim=1).mean() / score.norm(dim=1).mean()) ** 2
+    x = x + eps * score + torch.sqrt(2 * eps) * z
+    z2 = torch.randn(x.shape, generator=g, dtype=F64)
+    d = linear_model(x, None, cond)
+    x = x + 2 * (d - x) / sigma * 1.0 + math.sqrt(2 * sigma * 1.0) * z2  # predictor σ = 2 → 1
+    start, grid = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
+    got = predictor_corrector(linear_model, start, grid, cond, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=0)
