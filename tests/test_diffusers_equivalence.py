@@ -110,6 +110,7 @@ def test_flow_heun_matches_flow_match_heun(shift):
     ("name", "cls", "options", "ours"),
     [
         ("unipc", "UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}, "unipc"),
+        ("unipc order 3", "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh2"}, "unipc3"),
         # third order to the last step; 'heun' is the second-order form DPM-Solver++(3M) uses on its second step
         (
             "dpmpp_3m",
@@ -123,6 +124,9 @@ def test_flow_heun_matches_flow_match_heun(shift):
 )
 def test_more_schedulers_match_diffusers(name, cls, options, ours):
     """Options both libraries have: UniPC, DPM-Solver++(3M) and Karras σ grids, on the same oracle and noise."""
+    from functools import partial
+
+    from sdeflow.sampling.multistep import unipc
     from sdeflow.sampling.samplers import SAMPLERS
 
     sch = getattr(diffusers, cls)(**BETAS, **options)
@@ -131,7 +135,8 @@ def test_more_schedulers_match_diffusers(name, cls, options, ours):
     noise = _noise()
     ref, _ = run_diffusers_scheduler(sch, GM, noise)
     start = sch.init_noise_sigma if cls.startswith("Euler") else (1 + grid[0] ** 2) ** 0.5  # σ-space vs VP x_T
-    out = SAMPLERS[ours](GM, noise * start, grid)
+    sampler = partial(unipc, order=3) if ours == "unipc3" else SAMPLERS[ours]
+    out = sampler(GM, noise * start, grid)
     print(f"{name}: relative difference {_rel(out, ref):.2e}")
     assert _rel(out, ref) < 1e-5, name
 

@@ -106,3 +106,49 @@ def test_one_langevin_correction_then_predictor_by_hand():
     start, grid = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
     got = predictor_corrector(linear_model, start, grid, cond, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, x, rtol=1e-12, atol=0)
+
+
+def test_one_sde_dpmpp_2m_step_by_hand():
+    """x' = e^{−h(1+η)} x − (e^{−h(1+η)} − 1) D + s_noise σ'√(1 − e^{−2ηh}) z, h = ln(σ/σ'); the last step returns D."""
+    from sdeflow.sampling.multistep import dpmpp_2m_sde
+
+    x, cond = torch.tensor([[1.0, -2.0]], dtype=F64), torch.tensor([[0.3, 0.1]], dtype=F64)
+    h, eta, s_noise = math.log(2.0), 1.0, 2.0
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=F64)
+    d = linear_model(x, None, cond)
+    x1 = math.exp(-2 * h) * x - math.expm1(-2 * h) * d + s_noise * sde_noise_std(1.0, h, eta) * z
+    got = dpmpp_2m_sde(linear_model, x, torch.tensor([2.0, 1.0, 0.0], dtype=F64), cond,
+                       generator=torch.Generator().manual_seed(6), s_noise=s_noise)  # fmt: skip
+    torch.testing.assert_close(got, linear_model(x1, None, cond), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc", "dpmpp_2m_sde"])
+def test_multistep_samplers_report_each_step_and_stop_at_a_positive_end(name):
+    from sdeflow.sampling.samplers import SAMPLERS
+
+    seen = []
+    x, grid = torch.ones(1, 2, dtype=F64), torch.tensor([4.0, 2.0, 1.0], dtype=F64)
+    out = SAMPLERS[name](linear_model, x, grid, torch.zeros(1, 2, dtype=F64), generator=torch.Generator(),
+                         callback=lambda i, s, xi, d: seen.append((i, s, xi.clone(), d.clone())))  # fmt: skip
+    assert [(i, s) for i, s, _, _ in seen] == [(0, 4.0), (1, 2.0)] and out.shape == x.shape
+    torch.testing.assert_close(seen[0][2], x)
+    torch.testing.assert_close(seen[0][3], 0.5 * x)  # D of the linear model at the first point
+    assert SAMPLERS[name].__name__ == name and SAMPLERS[name].__doc__
+
+
+def test_dequantisation_and_bits_per_dim_by_hand():
+    """x = 2k/(L − 1) − 1 → 2(k + u)/(L − 1) − 1 with u ~ U[0, 1) from the generator; bpd = −log p/(D ln 2) +
+    log₂((L − 1)/2), L = 256 by default."""
+    from sdeflow.sampling.likelihood import bits_per_dim, dequantize
+
+    k = torch.tensor([[0.0, 5.0, 255.0]], dtype=F64)
+    u = torch.rand(k.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    got = dequantize(2 * k / 255 - 1, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(got, 2 * (k + u) / 255 - 1, rtol=1e-12, atol=1e-12)
+    k4 = torch.tensor([[0.0, 3.0]], dtype=F64)
+    u4 = torch.rand(k4.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    torch.testing.assert_close(dequantize(2 * k4 / 3 - 1, levels=4, generator=torch.Generator().manual_seed(2)),
+                               2 * (k4 + u4) / 3 - 1)  # fmt: skip
+    logp = torch.tensor([-100.0], dtype=F64)
+    assert float(bits_per_dim(logp, 10)) == pytest.approx(100 / (10 * math.log(2)) + math.log2(127.5), rel=1e-12)
+    assert float(bits_per_dim(logp, 10, levels=4)) == pytest.approx(100 / (10 * math.log(2)) + math.log2(1.5))

@@ -1,0 +1,64 @@
+"""The Gaussian-mixture oracle against closed forms on two 1-D components: density, posterior (with and without a
+class), denoiser, posterior variance and score at a noise level, and the 2-D grid's layout."""
+
+import math
+
+import pytest
+import torch
+
+from sdeflow import GaussianMixture
+
+F64 = torch.float64
+MU, S, W = (-1.0, 2.0), (0.5, 1.0), (0.25, 0.75)
+
+
+def normal(x, m, v):
+    return math.exp(-((x - m) ** 2) / (2 * v)) / math.sqrt(2 * math.pi * v)
+
+
+def hand(x, sigma, ks=(0, 1)):
+    """Each component's marginal is N(μ_k, s_k² + σ²); its posterior mean μ_k + s_k²/(s_k² + σ²)(x − μ_k) and
+    variance s_k² σ²/(s_k² + σ²)."""
+    p = [W[k] * normal(x, MU[k], S[k] ** 2 + sigma**2) if k in ks else 0.0 for k in (0, 1)]
+    r = [q / sum(p) for q in p]
+    m = [MU[k] + S[k] ** 2 / (S[k] ** 2 + sigma**2) * (x - MU[k]) for k in (0, 1)]
+    v = [S[k] ** 2 * sigma**2 / (S[k] ** 2 + sigma**2) for k in (0, 1)]
+    d = sum(r[k] * m[k] for k in (0, 1))
+    var = sum(r[k] * (v[k] + m[k] ** 2) for k in (0, 1)) - d**2
+    return math.log(sum(p) / sum(W[k] for k in ks)), r, d, var
+
+
+GM = GaussianMixture(torch.tensor([[MU[0]], [MU[1]]]), torch.tensor(S), torch.tensor([1.0, 3.0]), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.5])
+def test_mixture_quantities_in_closed_form(sigma):
+    x = torch.tensor([[0.4], [-2.0]], dtype=F64)
+    for i, xi in enumerate((0.4, -2.0)):
+        logp, r, d, var = hand(xi, sigma)
+        assert float(GM.log_prob(x, sigma)[i]) == pytest.approx(logp, rel=1e-12)
+        assert GM.posterior(x, sigma)[i].tolist() == pytest.approx(r, rel=1e-10)
+        assert float(GM.denoise(x, sigma)[i, 0]) == pytest.approx(d, rel=1e-12)
+        assert float(GM.posterior_variance(x, sigma)[i]) == pytest.approx(var, rel=1e-10)
+        assert float(GM.score(x.float(), sigma)[i, 0]) == pytest.approx((d - xi) / sigma**2, rel=1e-6)
+        logp1, r1, d1, var1 = hand(xi, sigma, ks=(1,))  # given class 1: component 1 alone
+        cond = torch.tensor([1, 1])
+        assert float(GM.log_prob(x, sigma, cond)[i]) == pytest.approx(logp1, rel=1e-12)
+        assert GM.posterior(x, sigma, cond)[i].tolist() == pytest.approx(r1, abs=1e-12)
+        assert float(GM.posterior_variance(x, sigma, cond)[i]) == pytest.approx(var1, rel=1e-10)
+        assert GM.class_log_prob(x, sigma)[i].exp().tolist() == pytest.approx(r, rel=1e-10)
+    assert GM.score(x.float(), sigma).dtype == F64
+
+
+def test_log_prob_defaults_to_the_clean_density():
+    logp, *_ = hand(0.4, 0.0)
+    assert float(GM.log_prob(torch.tensor([[0.4]], dtype=F64))) == pytest.approx(logp, rel=1e-12)
+
+
+def test_grid_2d_layout():
+    g = GaussianMixture.grid_2d()
+    assert g.means.tolist() == [[a, b] for a in (-1.0, 0.0, 1.0) for b in (-1.0, 0.0, 1.0)]
+    assert torch.allclose(g.vars, torch.full((9, 2), 0.01, dtype=F64))
+    wide = GaussianMixture.grid_2d(n=4, spacing=2.0, std=0.5)
+    assert sorted({v for m in wide.means.tolist() for v in m}) == [-3.0, -1.0, 1.0, 3.0]
+    assert float(wide.vars[0, 0]) == 0.25
