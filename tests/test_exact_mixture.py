@@ -46,6 +46,7 @@ def test_mixture_quantities_in_closed_form(sigma):
         assert float(GM.log_prob(x, sigma, cond)[i]) == pytest.approx(logp1, rel=1e-12)
         assert GM.posterior(x, sigma, cond)[i].tolist() == pytest.approx(r1, abs=1e-12)
         assert float(GM.posterior_variance(x, sigma, cond)[i]) == pytest.approx(var1, rel=1e-10)
+        assert float(GM.denoise(x, sigma, cond)[i, 0]) == pytest.approx(d1, rel=1e-12)
         assert GM.class_log_prob(x, sigma)[i].exp().tolist() == pytest.approx(r, rel=1e-10)
     assert GM.score(x.float(), sigma).dtype == F64
 
