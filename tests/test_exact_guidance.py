@@ -55,6 +55,7 @@ def test_classifier_guidance_adds_scale_sigma_squared_times_the_log_prob_gradien
     calls = []
 
     def denoiser(x, sigma, cond):  # no default for cond: guidance must pass ∅ itself
+        assert sigma.shape == (len(x),)  # a scalar σ reaches the denoiser as one σ per sample
         calls.append(cond)
         return (0.5 * x).float()  # a low-precision model's output
 

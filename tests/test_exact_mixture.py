@@ -63,3 +63,12 @@ def test_grid_2d_layout():
     wide = GaussianMixture.grid_2d(n=4, spacing=2.0, std=0.5)
     assert sorted({v for m in wide.means.tolist() for v in m}) == [-3.0, -1.0, 1.0, 3.0]
     assert float(wide.vars[0, 0]) == 0.25
+
+
+def test_moving_keeps_every_parameter():
+    moved = GaussianMixture(torch.tensor([[MU[0]], [MU[1]]]), torch.tensor(S), torch.tensor([1.0, 3.0]),
+                            torch.tensor([0, 1])).to("cpu")  # fmt: skip
+    for name in ("means", "vars", "log_weights", "labels"):
+        assert torch.equal(getattr(moved, name), getattr(GM, name)), name
+    x = torch.tensor([[0.4]], dtype=F64)
+    assert float(moved.log_prob(x, 0.3)) == float(GM.log_prob(x, 0.3))

@@ -124,3 +124,39 @@ def test_convert_uses_the_given_sigma_data():
     want = 0.0625 / 1.0625 * 2.0 + 0.25 / math.sqrt(1.0625) * 3.0
     assert float(d) == pytest.approx(want, rel=1e-12)
     assert float(convert(d, x, s, "x0", "edm", EDMProcess(), sigma_data=0.25)) == pytest.approx(3.0, rel=1e-12)
+
+
+def test_flow_and_edm_checks_at_their_boundaries():
+    assert FlowProcess(t_min=0.0).t_min == 0.0  # t = 0 is allowed (σ = 0), t = 1 is not (σ = ∞)
+    for kwargs in ({"shift": 0.0}, {"shift": -1.0}):
+        with pytest.raises(ValueError, match=r"^shift must be positive, got"):
+            FlowProcess(**kwargs)
+    for t_min, t_max in ((0.5, 0.5), (0.1, 1.0), (-0.1, 0.5), (0.1, 1.5)):
+        with pytest.raises(ValueError, match=r"^need 0 <= t_min < t_max < 1, got"):
+            FlowProcess(t_min=t_min, t_max=t_max)
+    for lo, hi in ((0.0, 80.0), (1.0, 1.0)):
+        with pytest.raises(ValueError, match=r"^need 0 < sigma_min < sigma_max, got"):
+            EDMProcess(lo, hi)
+
+
+def test_prior_samples_are_drawn_from_the_generator_at_the_prior_std():
+    edm = EDMProcess()
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(edm.sample_prior((4, 2), torch.Generator().manual_seed(3)), z * 80.0)
+    torch.testing.assert_close(edm.sample_prior((4, 2), torch.Generator().manual_seed(3), sigma=2.0), z * 2.0)
+
+
+def test_denoising_loss_names_bad_shapes():
+    from sdeflow.core.losses import denoising_loss
+
+    x0 = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(2,\), got \(3,\)$"):
+        denoising_loss(lambda x, s, c: x, x0, torch.ones(3))
+    with pytest.raises(ValueError, match=r"^noise shape \(2, 4\) does not match data \(2, 3\)$"):
+        denoising_loss(lambda x, s, c: x, x0, torch.ones(2), noise=torch.zeros(2, 4))
+    weight = torch.tensor([1.0, 2.0], dtype=F64)  # a float64 weight on a float32 loss: the loss keeps its dtype
+    assert denoising_loss(lambda x, s, c: x, x0, torch.ones(2), weight).dtype == torch.float32
+
+
+def test_repr_names_the_time_and_sigma_ranges():
+    assert repr(EDMProcess()) == "EDMProcess(t∈[0.002, 80], σ∈[0.002, 80])"

@@ -152,3 +152,60 @@ def test_dequantisation_and_bits_per_dim_by_hand():
     logp = torch.tensor([-100.0], dtype=F64)
     assert float(bits_per_dim(logp, 10)) == pytest.approx(100 / (10 * math.log(2)) + math.log2(127.5), rel=1e-12)
     assert float(bits_per_dim(logp, 10, levels=4)) == pytest.approx(100 / (10 * math.log(2)) + math.log2(1.5))
+
+
+def test_get_schedule_dispatches_every_name():
+    from sdeflow.sampling.schedules import SCHEDULES, flow_shifted, get_schedule, karras
+
+    edm, ve, vp, flow = EDMProcess(), VEProcess(), VPDiscreteProcess(), FlowProcess(shift=3.0)
+    expected = {
+        ("karras", edm): karras(6, edm.sigma_min, edm.sigma_max, 7.0),
+        ("edm", edm): karras(6, edm.sigma_min, edm.sigma_max, 7.0),
+        ("log_snr", edm): log_snr_uniform(6, edm.sigma_min, edm.sigma_max),
+        ("geometric", ve): log_snr_uniform(6, ve.sigma_min, ve.sigma_max),
+        ("uniform_t", ve): uniform_t(6, ve),
+        ("leading", vp): ddpm_discrete(6, vp, "leading"),
+        ("trailing", vp): ddpm_discrete(6, vp, "trailing"),
+        ("linspace", vp): ddpm_discrete(6, vp, "linspace"),
+        ("flow", flow): flow_shifted(6, flow),
+    }
+    assert {name for name, _ in expected} == set(SCHEDULES)
+    for (name, process), want in expected.items():
+        assert torch.equal(get_schedule(name, 6, process), want), name
+    assert torch.equal(get_schedule("karras", 4, edm, 0.1, 10.0, rho=3.0), karras(4, 0.1, 10.0, 3.0))
+    assert torch.equal(get_schedule("log_snr", 4, edm, sigma_min=0.1), log_snr_uniform(4, 0.1, edm.sigma_max))
+    assert torch.equal(get_schedule("log_snr", 4, edm, sigma_max=10.0), log_snr_uniform(4, edm.sigma_min, 10.0))
+    with pytest.raises(ValueError, match="σ outside the range of process 'edm'"):
+        get_schedule("karras", 4, edm, sigma_max=200.0)
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        get_schedule("cosine", 4, edm)
+
+
+def test_grids_are_computed_in_float64():
+    torch.testing.assert_close(log_snr_uniform(3, 0.1, 10.0), torch.tensor([10.0, 1.0, 0.1, 0.0], dtype=F64),
+                               rtol=1e-15, atol=0)  # fmt: skip
+    odd = EDMProcess(0.1, 10.3)
+    torch.testing.assert_close(uniform_t(3, odd), torch.tensor([10.3, 5.2, 0.1, 0.0], dtype=F64), rtol=1e-15, atol=0)
+
+
+def test_flow_shifted_clamps_at_t_min_and_takes_a_shift_override():
+    from sdeflow.core.process import FlowProcess as Flow
+    from sdeflow.sampling.schedules import flow_shifted
+
+    f = Flow(shift=1.0, t_min=0.2)
+    assert float(flow_shifted(10, f)[-2]) == pytest.approx(float(f.sigma(0.2)))  # u = 0.1 → t_min
+    assert flow_shifted(2, Flow(shift=3.0), shift=1.0)[1:].tolist() == pytest.approx([1.0, 0.0])  # t = ½
+    with pytest.raises(ValueError, match="^the 'flow_shifted' schedule needs a flow process$"):
+        flow_shifted(2, EDMProcess())
+
+
+def test_check_schedule_tolerance_dtype_and_shape():
+    from sdeflow.sampling.schedules import check_schedule
+
+    edm = EDMProcess()
+    assert check_schedule(torch.tensor([80.0 * (1 + 5e-5), 1.0, 0.0]), edm).dtype == F64  # within rtol 1e-4
+    with pytest.raises(ValueError, match="σ outside the range"):
+        check_schedule(torch.tensor([80.0 * (1 + 1e-3), 1.0, 0.0]), edm)
+    for bad in (torch.tensor([[2.0, 0.0], [1.0, 0.0]]), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match=r"^a schedule must be a 1-D grid of at least two σ values"):
+            check_schedule(bad)

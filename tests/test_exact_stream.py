@@ -86,12 +86,13 @@ def test_label_dropout_at_its_threshold_and_not_without_labels():
     sample keeps its label and every sample below it loses it."""
     ds = Numbers(6)
     u0 = torch.rand((2, 6), generator=torch.Generator().manual_seed(step_seed(0, 0, 0)))[0]
-    p = float(u0[2])
+    at = int(u0.argsort()[3])
+    p = float(u0[at])  # the fourth smallest: three samples lie below it
     s = BatchStream(ds, seed=0, micro=6, grad_accum=1, device=CPU, num_classes=3, label_dropout=p)
     b = s.batch(0, 0)
     want = torch.where(u0 < p, torch.full((6,), NULL_LABEL), b.x[:, 0].long() % 3)
     torch.testing.assert_close(b.labels, want)
-    assert b.labels[2] != NULL_LABEL
+    assert b.labels[at] != NULL_LABEL and int((b.labels == NULL_LABEL).sum()) == 3
     assert BatchStream(ds, seed=0, micro=6, grad_accum=1, device=CPU).batch(0, 0).labels is None  # num_classes = 0
     kept = BatchStream(ds, seed=0, micro=6, grad_accum=1, device=CPU, num_classes=3).batch(0, 0)
     torch.testing.assert_close(kept.labels, kept.x[:, 0].long() % 3)
@@ -107,13 +108,24 @@ def test_horizontal_flip_mirrors_the_width_where_the_second_draw_is_below_one_ha
     assert torch.equal(flipped, u1 < 0.5) and torch.equal(b.x[:, 0, 0, 1], torch.where(flipped, i, -i))
     plain = BatchStream(Numbers(8, image=True), seed=2, micro=8, grad_accum=1, device=CPU).batch(0, 0)
     assert (plain.x[:, 0, 0, 0] >= 0).all()  # no flip unless the dataset asks for it
+    silent = Numbers(8, image=True)
+    del silent.horizontal_flip  # a dataset that says nothing about flips is not flipped
+    assert (BatchStream(silent, seed=2, micro=8, grad_accum=1, device=CPU).batch(0, 0).x[:, 0, 0, 0] >= 0).all()
     vectors = Numbers(8, flip=True)  # flips apply to images only
     v = BatchStream(vectors, seed=2, micro=8, grad_accum=1, device=CPU).batch(0, 0)
     assert (v.x >= 0).all()
 
 
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.x, self.y = torch.randn(n, 3, 2, 2), torch.zeros(n, dtype=torch.long)
+
+    def __len__(self):
+        return len(self.x)
+
+
 def test_channels_last_layout_for_images_and_their_noise():
-    ds = Numbers(4, image=True)
+    ds = Images(4)
     b = BatchStream(ds, seed=0, micro=4, grad_accum=1, device=CPU, channels_last=True).batch(0, 0)
     assert b.channels_last and b.x.is_contiguous(memory_format=torch.channels_last)
     x = torch.zeros(4, 3, 2, 2)
