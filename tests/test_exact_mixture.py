@@ -72,3 +72,63 @@ def test_moving_keeps_every_parameter():
         assert torch.equal(getattr(moved, name), getattr(GM, name)), name
     x = torch.tensor([[0.4]], dtype=F64)
     assert float(moved.log_prob(x, 0.3)) == float(GM.log_prob(x, 0.3))
+
+
+def test_random_mixture_recipe_by_hand():
+    """means = spread · N(0, I), diagonal stds std·2^{2u−1} with u ~ U[0, 1), weights ½ + U[0, 1), labels k mod C,
+    all drawn in that order from a generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(4)
+    means = torch.randn(5, 2, 3, generator=g, dtype=F64) * 2.0
+    stds = 0.3 * torch.exp((2 * torch.rand(5, 2, 3, generator=g, dtype=F64) - 1) * math.log(2))
+    weights = 0.5 + torch.rand(5, generator=g, dtype=F64)
+    gm = GaussianMixture.random(5, (2, 3), std=0.3, spread=2.0, num_classes=2, diagonal=True, seed=4)
+    torch.testing.assert_close(gm.means, means.reshape(5, 6), rtol=0, atol=0)
+    torch.testing.assert_close(gm.vars, stds.reshape(5, 6) ** 2)
+    torch.testing.assert_close(gm.log_weights, torch.log(weights / weights.sum()))
+    assert gm.labels.tolist() == [0, 1, 0, 1, 0] and gm.num_classes == 2 and not gm.isotropic
+    g = torch.Generator().manual_seed(0)  # defaults: std 0.1, spread 1, isotropic, one class per component, seed 0
+    means = torch.randn(3, 2, generator=g, dtype=F64)
+    weights = 0.5 + torch.rand(3, generator=g, dtype=F64)
+    plain = GaussianMixture.random(3, 2)
+    torch.testing.assert_close(plain.means, means, rtol=0, atol=0)
+    torch.testing.assert_close(plain.vars, torch.full((3, 2), 0.01, dtype=F64))
+    torch.testing.assert_close(plain.log_weights, torch.log(weights / weights.sum()))
+    assert plain.labels.tolist() == [0, 1, 2] and plain.isotropic
+
+
+def test_sampling_by_hand():
+    """k ~ Categorical(w) (with replacement), then x = μ_k + s_k ε, both from the generator."""
+    g = torch.Generator().manual_seed(8)
+    k = torch.multinomial(GM.log_weights.exp().expand(10, 2), 1, replacement=True, generator=g).squeeze(1)
+    eps = torch.randn(10, 1, generator=g, dtype=F64)
+    x, labels = GM.sample(10, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(x, GM.means[k] + GM.vars[k].sqrt() * eps, rtol=0, atol=0)
+    assert torch.equal(labels, GM.labels[k])
+
+
+def test_constructor_checks_and_defaults():
+    even = GaussianMixture(torch.zeros(4, 2), 1.0)
+    torch.testing.assert_close(even.log_weights, torch.full((4,), math.log(0.25), dtype=F64))
+    assert even.labels.tolist() == [0, 1, 2, 3] and even.num_classes == 4 and even.isotropic
+    assert GaussianMixture(torch.zeros(2, 1), 1.0, torch.tensor([0.0, 1.0])).log_weights[1] == 0.0  # a zero weight
+    assert GaussianMixture(torch.zeros(3, 1), 1.0, labels=[0, 2, 2]).num_classes == 3
+    bad = [
+        ({"means": torch.zeros(3)}, r"^means must have shape \(K, \*event_shape\), got \(3,\)$"),
+        ({"stds": torch.tensor([1.0, 0.0])}, "^stds must be positive$"),
+        ({"weights": torch.tensor([1.0, -0.5])}, "^weights must be 2 non-negative numbers with a positive sum$"),
+        ({"weights": torch.tensor([0.0, 0.0])}, "^weights must be 2 non-negative numbers with a positive sum$"),
+        ({"labels": torch.tensor([0, 1, 1])}, r"^labels must have shape \(2,\)$"),
+    ]
+    for change, message in bad:
+        kwargs = {"means": torch.zeros(2, 1), "stds": 1.0, **change}
+        with pytest.raises(ValueError, match=message):
+            GaussianMixture(**kwargs)
+    x = torch.zeros(2, 1, dtype=F64)
+    with pytest.raises(ValueError, match=r"^cond must have shape \(2,\), got \(3,\)$"):
+        GM.log_prob(x, 0.1, torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="class"):
+        GM.log_prob(x, 0.1, torch.tensor([0, 2]))  # classes are 0 and 1
+    with pytest.raises(ValueError, match=r"^sigma must be a scalar or of shape \(2,\), got \(3,\)$"):
+        GM.log_prob(x, torch.ones(3))
+    with pytest.raises(ValueError, match="^sigma must be non-negative$"):
+        GM.log_prob(x, -1.0)
