@@ -69,3 +69,12 @@ def test_bad_options_are_named():
         log_likelihood(model, torch.zeros(1, 1), divergence="trace")
     with pytest.raises(ValueError, match="probe must be 'rademacher' or 'gaussian', got 'sphere'"):
         log_likelihood(model, torch.zeros(1, 1), divergence="hutchinson", probe="sphere")
+
+
+def test_solver_tolerances_reach_the_solver():
+    """A looser tolerance takes fewer steps (rtol and atol are both handed to dopri5)."""
+    x, mu = torch.tensor([[0.3, -1.0]], dtype=F64), torch.zeros(1, 2)
+    nfe = {}
+    for rtol, atol in ((1e-3, 1e-9), (1e-9, 1e-3), (1e-9, 1e-9)):
+        nfe[rtol, atol] = log_likelihood(gaussian_model([]), x, cond=mu, rtol=rtol, atol=atol).nfe
+    assert nfe[1e-3, 1e-9] < nfe[1e-9, 1e-9] and nfe[1e-9, 1e-3] < nfe[1e-9, 1e-9]

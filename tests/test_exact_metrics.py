@@ -42,8 +42,9 @@ def test_precision_recall_against_a_brute_force_with_the_boundary_inside():
     t = lambda v: torch.tensor(v)[:, None]  # noqa: E731
     assert precision_recall(t(real), t(fake), k=1) == pytest.approx(brute_force(real, fake, 1))
     assert precision_recall(t(real), t(fake), k=1)[0] == 0.75
-    real3, fake3 = [0.0, 1.0, 2.0, 3.0, 4.0, 10.0], [-3.0, 5.5, 13.0, 30.0, 2.5]
+    real3, fake3 = [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0], [5.0, 7.0, -4.0, 20.0, 6.0]
     assert precision_recall(t(real3), t(fake3)) == pytest.approx(brute_force(real3, fake3, 3))  # default k = 3
+    assert brute_force(real3, fake3, 3) != brute_force(real3, fake3, 4)  # the data tell k = 3 from k = 4
 
 
 def test_precision_counts_every_chunk_of_a_large_set():

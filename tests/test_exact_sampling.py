@@ -209,3 +209,30 @@ def test_check_schedule_tolerance_dtype_and_shape():
     for bad in (torch.tensor([[2.0, 0.0], [1.0, 0.0]]), torch.tensor([0.0])):
         with pytest.raises(ValueError, match=r"^a schedule must be a 1-D grid of at least two σ values"):
             check_schedule(bad)
+
+
+def test_check_schedule_names_each_fault():
+    from sdeflow.sampling.schedules import check_schedule
+
+    edm = EDMProcess()
+    faults = [
+        (torch.tensor([2.0, float("nan"), 0.0]), "^the schedule contains non-finite σ$"),
+        (torch.tensor([2.0, 1.0, 0.5]), r"^the schedule must end at σ = 0, got 0.5$"),
+        (torch.tensor([2.0, 1.0, 1.0, 0.0]), "^the schedule must be strictly decreasing$"),
+    ]
+    for grid, message in faults:
+        with pytest.raises(ValueError, match=message):
+            check_schedule(grid)
+    with pytest.raises(ValueError, match="σ outside the range"):  # every σ but the final 0 is checked
+        check_schedule(torch.tensor([2.0, 1.0, 0.001, 0.0]), edm)
+    lo = edm.sigma_min * (1 - 1e-4)
+    edm.check_sigma(torch.tensor([lo, 80.0 * (1 + 1e-4)], dtype=F64))  # the tolerance's ends are inside
+
+
+def test_karras_default_rho_in_float64():
+    """ρ = 7 by default (Karras et al. 2022, eq. 5)."""
+    from sdeflow.sampling.schedules import karras
+
+    ramp = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0], dtype=F64)
+    want = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    torch.testing.assert_close(karras(4, 0.002, 80.0)[:-1], want, rtol=1e-15, atol=0)

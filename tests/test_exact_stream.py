@@ -146,3 +146,11 @@ def test_batch_draws_for_the_global_batch_in_the_data_dtype(dtype):
     torch.testing.assert_close(b.randn_like_x(), torch.randn(5, 3, generator=g())[1:3].to(dtype))
     b = Batch(torch.zeros(2, 3), None, g(), 5, slice(1, 3))
     torch.testing.assert_close(b.rand(4), torch.rand(5, 4, generator=g())[1:3])
+
+
+def test_the_objective_draws_after_the_streams_own_two_rows():
+    """The stream takes 2 × micro uniforms (label dropout, flips) first; the objective's numbers follow."""
+    s = BatchStream(Numbers(6), seed=1, micro=3, grad_accum=1, device=CPU)
+    g = torch.Generator().manual_seed(step_seed(1, 0, 0))
+    torch.rand((2, 3), generator=g)
+    torch.testing.assert_close(s.batch(0, 0).randn(2), torch.randn(3, 2, generator=g))
