@@ -24,6 +24,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from mutation_review import classify
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 RECORDS = OUT / "mutation-records.json"
@@ -38,9 +40,10 @@ def results() -> dict[str, str]:
 
 
 def merged(fresh: dict[str, str]) -> dict[str, str]:
-    """Old records updated with this run's verdicts; mutants this run did not check keep their old verdict."""
-    rows = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
-    rows.update({k: v for k, v in fresh.items() if v != "not checked" or k not in rows})
+    """The current mutants with this run's verdicts; those this run did not check keep their recorded verdict (a
+    mutant of code that has changed since is a new mutant: its old record is dropped)."""
+    old = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
+    rows = {k: v if v != "not checked" else old.get(k, v) for k, v in fresh.items()}
     RECORDS.write_text(json.dumps(dict(sorted(rows.items())), indent=0))
     return rows
 
@@ -49,49 +52,77 @@ def module_of(mutant: str) -> str:
     return mutant.split(".x")[0].split(".xǁ")[0]
 
 
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def review(rows: dict[str, str]) -> dict[str, dict]:
+    """Each survivor's diff and its category (mutation_review.py says why each category is what it is)."""
+    out = {}
+    for name in (n for n, status in rows.items() if status == "survived"):
+        show = [sys.executable, "-m", "mutmut", "show", name]
+        text = subprocess.run(show, cwd=ROOT, capture_output=True, text=True).stdout
+        diff = [x for x in text.splitlines() if x[:1] in "-+" and not x.startswith(("---", "+++"))]
+        category, reason = classify(name, diff)
+        out[name] = {"category": category, "reason": reason, "diff": diff}
+    return out
+
+
 def write_report(rows: dict[str, str], meta: dict) -> None:
     by_module: dict[str, Counter] = defaultdict(Counter)
-    survivors = defaultdict(list)
+    reviewed = review(rows)
     for name, status in rows.items():
-        m = module_of(name)
-        by_module[m][status] += 1
+        by_module[module_of(name)][status] += 1
         if status == "survived":
-            survivors[m].append(name)
+            by_module[module_of(name)][reviewed[name]["category"]] += 1
     table = []
     for m, c in sorted(by_module.items()):
         killed = c["killed"] + c["timeout"]
-        scored = killed + c["survived"] + c["no tests"]
+        missing = c["missing test"] + c["no tests"]
+        excused = c["device"] + c["equivalent"] + c["import time"]
+        scored = killed + missing + excused
         table.append({"module": m, "killed": c["killed"], "timed_out": c["timeout"], "survived": c["survived"],
-                      "not_covered": c["no tests"], "not_checked": c["not checked"],
-                      "score": killed / scored if scored else None})  # fmt: skip
+                      "not_covered": c["no tests"], "device_only": c["device"],
+                      "equivalent": c["equivalent"] + c["import time"], "not_checked": c["not checked"],
+                      "score_all": killed / scored if scored else None,
+                      "score": killed / (killed + missing) if killed + missing else None})  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "mutation.json").write_text(json.dumps({"meta": meta, "modules": table, "survivors": survivors}, indent=1))
+    total = {k: sum(r[k] for r in table) for k in ("killed", "timed_out", "survived", "not_covered", "device_only",
+                                                    "equivalent", "not_checked")}  # fmt: skip
+    caught = total["killed"] + total["timed_out"]
+    missing = total["survived"] - total["device_only"] - total["equivalent"] + total["not_covered"]
+    total["score_all"] = caught / (caught + total["survived"] + total["not_covered"])
+    total["score"] = caught / (caught + missing)
+    (OUT / "mutation.json").write_text(json.dumps({"meta": meta, "total": total, "modules": table,
+                                                   "survivors": reviewed}, indent=1, ensure_ascii=False))  # fmt: skip
     lines = [
         "# Mutation score of the numerical core",
         "",
-        f"`{meta['command']}` — {meta['date']}, mutmut {meta['mutmut']}. Score = (killed + timed out) / (killed +",
-        "timed out + survived + not covered), mutmut's convention (a time-out is a changed behaviour the tests",
-        "noticed, if only by not finishing); mutants not checked (the run stopped first) are left out.",
+        f"`{meta['command']}` — {meta['date']}, mutmut {meta['mutmut']}.",
         "",
         meta.get("note", ""),
         "",
-        "| module | killed | timed out | survived | not covered | not checked | score |",
-        "|---|---|---|---|---|---|---|",
+        "Caught = killed (a test failed) + timed out. **Score** = caught / (caught + survivors that need a test +",
+        "not covered): survivors shown equivalent are left out, each with its reason below (benchmarks/",
+        "mutation_review.py). *All* = caught / all mutants, nothing left out. *Device-only* mutants move a tensor",
+        "between devices, which changes nothing on the CPU-only machines that run this (tests/test_cuda.py covers",
+        "those paths on a GPU).",
+        "",
+        "| module | killed | timed out | survived | of which device-only | of which equivalent | not covered | "
+        "score | all |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    unchecked = [r for r in table if r["score"] is None]
-    for r in (r for r in table if r["score"] is not None):
-        score = f"{r['score']:.0%}" if r["score"] is not None else ""
+    for r in [*table, {"module": "**total**", **total}]:
         lines.append(
-            f"| {r['module']} | {r['killed']} | {r['timed_out']} | {r['survived']} | {r['not_covered']} | "
-            f"{r['not_checked']} | {score} |"
+            f"| {r['module']} | {r['killed']} | {r['timed_out']} | {r['survived']} | {r['device_only']} | "
+            f"{r['equivalent']} | {r['not_covered']} | {pct(r['score'])} | {pct(r['score_all'])} |"
         )
-    if unchecked:
-        lines += ["", f"Not checked yet: {', '.join(r['module'] for r in unchecked)}."]
-    lines += ["", "## Survivors", ""]
-    for m, names in sorted(survivors.items()):
-        lines += [
-            f"- {m}: " + ", ".join(n.split("__mutmut_")[0].split("ǁ")[-1] + "#" + n.split("_")[-1] for n in names)
-        ]
+    if total["not_checked"]:
+        lines += ["", f"Not checked: {total['not_checked']} mutants (left out of both scores)."]
+    for category in ("missing test", "equivalent", "import time", "device"):
+        names = sorted(n for n, v in reviewed.items() if v["category"] == category)
+        lines += ["", f"## Survivors: {category} ({len(names)})", ""]
+        lines += [f"- `{n.removeprefix('sdeflow.')}`: {reviewed[n]['reason']}" for n in names]
     (OUT / "mutation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

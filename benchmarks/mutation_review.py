@@ -59,8 +59,7 @@ REVIEWED = {
     ("xǁGaussianMixtureǁ_stats_chunk", "bk,bkd->bd", "BK,BKD->BD"): "einsum labels are case-insensitive names",
     ("xǁGaussianMixtureǁclass_log_prob", "self.num_classes", ""): "one_hot infers max label + 1 = num_classes",
     ("xǁGaussianMixtureǁsample", "Tru", "Fals"): "one draw per row: with or without replacement is the same",
-    ("xǁGaussianMixtureǁsample", "replacement=True, ", ""): "one draw per row: with or without replacement is "
-    "the same",
+    ("xǁGaussianMixtureǁsample", "replacement=True, ", ""): "one draw per row: with or without replacement is the same",
     ("xǁGaussianMixtureǁgrid_2d", "torch.float64", "None"): "integer grid points are exact in any dtype and are "
     "cast to float64 by the constructor",
     ("xǁGaussianMixtureǁgrid_2d", "dtype=torch.float64", ""): "integer grid points are exact in any dtype and "
@@ -120,9 +119,14 @@ def classify(name: str, diff: list[str]) -> tuple[str, str]:
     before, after, line = change
     if DEVICE_LINES.search(line):
         return "device", "chooses a device only: the same numbers on a CPU-only run"
-    if (before, after) in (("devic", "Non"), ("device", "None")) or before.endswith(".devic") or (
-        DEVICE.search(line) and (DEVICE.search(before) or after in ("", "Non", "None", "Fals", "Tru"))
-        and not DEVICE.search(after.replace("None", ""))
+    if (
+        (before, after) in (("devic", "Non"), ("device", "None"))
+        or before.endswith(".devic")
+        or (
+            DEVICE.search(line)
+            and (DEVICE.search(before) or after in ("", "Non", "None", "Fals", "Tru"))
+            and not DEVICE.search(after.replace("None", ""))
+        )
     ):
         return "device", "moves a tensor between devices only: the same numbers on a CPU-only run"
     reason = REVIEWED.get((function, before, after))
