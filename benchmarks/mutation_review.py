@@ -84,6 +84,12 @@ REVIEWED = {
     ("x_log_likelihood", "y.dtyp", "Non"): "u is already in the data's dtype",
     ("xǁGaussianMixtureǁ_stats", "(0,)", "None"): "an empty batch is never evaluated",
     ("xǁGaussianMixtureǁ_stats", "0", "1"): "an empty batch is never evaluated",
+    ("xǁGaussianMixtureǁposterior_variance", '"post_var"', "None"): "the oracle's last branch is the variance: "
+    "any other name reaches it",
+    ("xǁGaussianMixtureǁposterior_variance", "post_var", "POST_VAR"): "the oracle's last branch is the variance: "
+    "any other name reaches it",
+    ("xǁGaussianMixtureǁposterior_variance", "post_var", "XXpost_varXX"): "the oracle's last branch is the "
+    "variance: any other name reaches it",
     ("x_coefficients", "mps", "XXmpsXX"): "only changes the path on Apple's MPS device",
     ("x_coefficients", "mps", "MPS"): "only changes the path on Apple's MPS device",
     ("x__process_coefficients", "sigma.dtyp", "Non"): "the coefficients are cast to σ's dtype on return",
