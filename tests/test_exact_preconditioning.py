@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdeflow import EDMProcess, FlowProcess, VPDiscreteProcess, VPLinearProcess
+from sdeflow import EDMProcess, FlowProcess, VEProcess, VPDiscreteProcess, VPLinearProcess
 from sdeflow.core.preconditioning import PARAMETERIZATIONS, Denoiser, coefficients, pad_dims
 
 F64 = torch.float64
@@ -59,6 +59,7 @@ def test_default_time_scale(process, scale):
     """Networks see 1000·t on processes with t ∈ [0, 1] (t_max = 1 included), t itself otherwise."""
     assert Denoiser(Recorder(), process, "eps").time_scale == scale
     assert Denoiser(Recorder(), process, "eps", time_scale=5.0).time_scale == 5.0
+    assert Denoiser(Recorder(), VEProcess(t_max=1.5), "eps").time_scale == 1.0  # t ∈ [0, 1.5]: not the unit range
 
 
 def test_denoiser_feeds_the_network_and_keeps_the_data_dtype():
