@@ -94,7 +94,7 @@ def test_discrete_sigma_draws_integer_steps_and_needs_a_discrete_process():
     torch.rand(16, generator=g, dtype=F64)
     t = torch.randint(0, 1000, (16,), generator=g)
     torch.testing.assert_close(sample_sigma("discrete", 16, p, torch.Generator().manual_seed(3)), p.sigmas[t].float())
-    with pytest.raises(ValueError, match="sigma sampling 'discrete' needs a discrete process"):
+    with pytest.raises(ValueError, match="^sigma sampling 'discrete' needs a discrete process"):
         sample_sigma("discrete", 4, VPLinearProcess())
     with pytest.raises(ValueError, match="unknown sigma sampling scheme 'gaussian'"):
         sample_sigma("gaussian", 4, p)

@@ -132,3 +132,12 @@ def test_constructor_checks_and_defaults():
         GM.log_prob(x, torch.ones(3))
     with pytest.raises(ValueError, match="^sigma must be non-negative$"):
         GM.log_prob(x, -1.0)
+
+
+def test_labels_classes_and_input_shapes_are_checked_by_name():
+    assert GaussianMixture(torch.zeros(2, 1), 1.0, labels=[0.0, 1.0]).labels.dtype == torch.long
+    with pytest.raises(ValueError, match="class"):  # below the null label −1
+        GM.log_prob(torch.zeros(2, 1, dtype=F64), 0.1, torch.tensor([0, -2]))
+    image = GaussianMixture(torch.zeros(2, 2, 3), 1.0)
+    with pytest.raises(ValueError, match=r"^expected inputs of shape \(B, 2, 3\), got \(4, 5\)$"):
+        image.log_prob(torch.zeros(4, 5))

@@ -34,7 +34,7 @@ def test_discrete_schedule_defaults_and_limits():
     assert torch.equal(ddpm_discrete(10, small, "trailing")[:-1], small.sigmas.flip(0))  # n = T: every step
     with pytest.raises(ValueError, match=r"steps \(11\) exceed the process's 10 discrete timesteps"):
         ddpm_discrete(11, small)
-    with pytest.raises(ValueError, match="the 'ddpm_discrete' schedule needs a discrete process"):
+    with pytest.raises(ValueError, match="^the 'ddpm_discrete' schedule needs a discrete process"):
         ddpm_discrete(4, EDMProcess())
 
 
