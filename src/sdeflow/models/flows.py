@@ -1,0 +1,136 @@
+"""Normalizing flows with exact likelihood: the invertible layers of NICE, RealNVP and Glow as options of one model.
+
+A flow maps data x to a latent z = f(x) with a tractable Jacobian, so log p(x) = log N(f(x); 0, I) + log|det ∂f/∂x|
+exactly (Dinh et al. 2014, eq. 1). The layers here, each returning ``(y, logdet)`` per sample with an exact inverse:
+
+- :class:`ActNorm`: y = (x + b)·e^s per channel, initialised from the first batch to zero mean, unit variance
+  (Kingma & Dhariwal 2018, §3.1); log det = H·W·Σ s.
+- :class:`InvConv1x1`: y = W x at every pixel, W initialised as a random rotation (Glow, §3.2);
+  log det = H·W·log|det W|.
+- :class:`Coupling`: half the channels (or a checkerboard) pass unchanged and condition the rest: additive
+  y_b = x_b + t(x_a) (NICE, log det 0) or affine y_b = x_b·σ(h + 2) + t (RealNVP eq. 7, Glow's sigmoid scale).
+- :func:`squeeze`: 2×2 space-to-depth (RealNVP §3.6), volume-preserving.
+
+This module is the flow family the probability-flow ODE's likelihood generalises; it is not yet wired into the
+trainer and CLI (issue "Latent diffusion …", item 5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ActNorm", "Coupling", "InvConv1x1", "squeeze", "unsqueeze"]
+
+
+def squeeze(x: Tensor) -> Tensor:
+    """(B, C, H, W) → (B, 4C, H/2, W/2), each 2×2 block stacked into channels."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze(x: Tensor) -> Tensor:
+    """The inverse of :func:`squeeze`."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c // 4, 2 * h, 2 * w)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine y = (x + b)·e^s, data-initialised on the first forward pass (Glow, §3.1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialise(self, x: Tensor) -> None:
+        mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + 1e-6))
+        self.initialised.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not bool(self.initialised) and self.training:
+            self._initialise(x)
+        logdet = x.shape[2] * x.shape[3] * self.log_scale.sum()
+        return (x + self.bias) * torch.exp(self.log_scale), logdet.expand(len(x))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y * torch.exp(-self.log_scale) - self.bias
+
+
+class InvConv1x1(nn.Module):
+    """y = W x at each pixel with W invertible, initialised as a random rotation (Glow, §3.2)."""
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=generator))
+        self.weight = nn.Parameter(q)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.shape[2] * x.shape[3] * torch.linalg.slogdet(self.weight)[1]
+        return torch.einsum("ij,bjhw->bihw", self.weight, x), logdet.expand(len(x))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.weight), y)
+
+
+class Coupling(nn.Module):
+    """Affine or additive coupling: x = (x_a, x_b) by ``mask`` ('channel' halves or a spatial 'checkerboard');
+    y_a = x_a, y_b = x_b·scale(x_a) + t(x_a) with scale = σ(h + 2) (affine) or 1 (additive)."""
+
+    def __init__(self, channels: int, hidden: int = 64, kind: str = "affine", mask: str = "channel"):
+        super().__init__()
+        if kind not in ("affine", "additive"):
+            raise ValueError(f"coupling kind must be 'affine' or 'additive', got '{kind}'")
+        if mask not in ("channel", "checkerboard"):
+            raise ValueError(f"coupling mask must be 'channel' or 'checkerboard', got '{mask}'")
+        if mask == "channel" and channels % 2:
+            raise ValueError(f"a channel mask needs an even number of channels, got {channels}")
+        self.kind, self.mask = kind, mask
+        c_in = channels // 2 if mask == "channel" else channels
+        c_out = (channels - c_in if mask == "channel" else channels) * (2 if kind == "affine" else 1)
+        self.net = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+            nn.Conv2d(hidden, c_out, 3, padding=1),
+        )  # fmt: skip
+        nn.init.zeros_(self.net[-1].weight)  # starts as the identity map (Glow, §3.3)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(conditioning input, where the transformed part lives: 1 there, 0 elsewhere)."""
+        if self.mask == "channel":
+            half = x.shape[1] // 2
+            return x[:, :half], torch.cat([torch.zeros_like(x[:, :half]), torch.ones_like(x[:, half:])], 1)
+        h, w = x.shape[2:]
+        board = ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2).to(x)
+        return x * (1 - board), board.expand_as(x)
+
+    def _scale_shift(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.net(cond)
+        if self.kind == "additive":
+            return torch.zeros_like(out), out
+        h, t = out.chunk(2, 1)
+        return nn.functional.logsigmoid(h + 2.0), t
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        cond, where = self._split(x)
+        log_s, t = self._scale_shift(cond)
+        if self.mask == "channel":
+            half = x.shape[1] // 2
+            y_b = x[:, half:] * torch.exp(log_s) + t
+            return torch.cat([x[:, :half], y_b], 1), log_s.flatten(1).sum(1)
+        y = x * (1 - where) + where * (x * torch.exp(log_s) + t)
+        return y, (where * log_s).flatten(1).sum(1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        cond, where = self._split(y)
+        log_s, t = self._scale_shift(cond)
+        if self.mask == "channel":
+            half = y.shape[1] // 2
+            return torch.cat([y[:, :half], (y[:, half:] - t) * torch.exp(-log_s)], 1)
+        return y * (1 - where) + where * (y - t) * torch.exp(-log_s)
