@@ -11,8 +11,10 @@ exactly (Dinh et al. 2014, eq. 1). The layers here, each returning ``(y, logdet)
   y_b = x_b + t(x_a) (NICE, log det 0) or affine y_b = x_b·σ(h + 2) + t (RealNVP eq. 7, Glow's sigmoid scale).
 - :func:`squeeze`: 2×2 space-to-depth (RealNVP §3.6), volume-preserving.
 
-This module is the flow family the probability-flow ODE's likelihood generalises; it is not yet wired into the
-trainer and CLI (issue "Latent diffusion …", item 5).
+:class:`Flow` stacks them multi-scale (RealNVP §3.6): at each level squeeze, K steps of ActNorm → 1×1 conv →
+coupling (Glow's step; ``kind="additive"`` and no ActNorm/1×1 conv give NICE-like steps), then factor half the
+channels out to the prior. This is the flow family the probability-flow ODE's likelihood generalises; it is not yet
+wired into the trainer and CLI (issue "Latent diffusion …", item 5).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ActNorm", "Coupling", "InvConv1x1", "squeeze", "unsqueeze"]
+__all__ = ["ActNorm", "Coupling", "Flow", "InvConv1x1", "squeeze", "unsqueeze"]
 
 
 def squeeze(x: Tensor) -> Tensor:
@@ -134,3 +136,80 @@ class Coupling(nn.Module):
             half = y.shape[1] // 2
             return torch.cat([y[:, :half], (y[:, half:] - t) * torch.exp(-log_s)], 1)
         return y * (1 - where) + where * (y - t) * torch.exp(-log_s)
+
+
+class Flow(nn.Module):
+    """A multi-scale flow over images (C, H, W): ``levels`` × (squeeze, ``steps`` flow steps, factor out half).
+
+    Args:
+        glow: each step is ActNorm → invertible 1×1 conv → coupling (Glow); else a coupling alone, with the
+            halves swapped between steps by reversing the channel order (RealNVP / NICE).
+        kind, mask: the coupling (see :class:`Coupling`).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], levels: int = 2, steps: int = 4, hidden: int = 64,
+                 kind: str = "affine", mask: str = "channel", glow: bool = True):  # fmt: skip
+        super().__init__()
+        c, h, w = shape
+        if h % 2**levels or w % 2**levels:
+            raise ValueError(f"image size {h}×{w} must be divisible by 2^levels = {2**levels}")
+        self.shape, self.glow = tuple(shape), glow
+        self.levels = nn.ModuleList()
+        for level in range(levels):
+            c *= 4
+            layers: list[nn.Module] = []
+            for _ in range(steps):
+                layers += [ActNorm(c), InvConv1x1(c)] if glow else []
+                layers.append(Coupling(c, hidden, kind, mask))
+            self.levels.append(nn.ModuleList(layers))
+            c = c // 2 if level < levels - 1 else c
+
+    def _step(self, layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, logdet = layer(x)
+        return (y if self.glow or not isinstance(layer, Coupling) else y.flip(1)), logdet
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The latents (one per level) and log|det ∂z/∂x| per sample."""
+        zs, logdet = [], x.new_zeros(len(x))
+        for i, level in enumerate(self.levels):
+            x = squeeze(x)
+            for layer in level:
+                x, ld = self._step(layer, x)
+                logdet = logdet + ld
+            if i < len(self.levels) - 1:
+                x, z = x.chunk(2, 1)
+                zs.append(z)
+        return [*zs, x], logdet
+
+    def inverse(self, zs: list[Tensor]) -> Tensor:
+        x = zs[-1]
+        for i in reversed(range(len(self.levels))):
+            if i < len(self.levels) - 1:
+                x = torch.cat([x, zs[i]], 1)
+            for layer in reversed(self.levels[i]):
+                if not self.glow and isinstance(layer, Coupling):
+                    x = x.flip(1)
+                x = layer.inverse(x)
+            x = unsqueeze(x)
+        return x
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p(x) in nats: Σ log N(z; 0, I) + log|det ∂z/∂x| (Dinh et al. 2014, eq. 1)."""
+        zs, logdet = self(x)
+        log_2pi = torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
+        prior = sum((-0.5 * (z**2 + log_2pi)).flatten(1).sum(1) for z in zs)
+        return prior + logdet
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """x = f⁻¹(z) with z ~ N(0, T² I): temperature T < 1 trades diversity for quality (Glow, §5)."""
+        shapes, (c, h, w) = [], self.shape
+        for i in range(len(self.levels)):
+            c, h, w = c * 4, h // 2, w // 2
+            if i < len(self.levels) - 1:
+                shapes.append((c // 2, h, w))
+                c //= 2
+        shapes.append((c, h, w))
+        p = next(self.parameters())
+        zs = [temperature * torch.randn((n, *s), generator=generator, dtype=p.dtype).to(p.device) for s in shapes]
+        return self.inverse(zs)
