@@ -26,6 +26,12 @@ REVIEWED_FUNCTIONS = {
     "xǁGaussianMixtureǁ_chunks": "chunk size of the batched oracle: performance only, same numbers",
 }
 
+SAME_DRAW = "one draw per row: with or without replacement is the same"
+INTEGER_GRID = "integer grid points are exact in any dtype and are cast to float64 by the constructor"
+LAST_BRANCH = "the oracle's last branch is the variance: any other name reaches it"
+CLAMPED = "searchsorted of a clamped log σ is ≤ T − 1"
+WIDER_NORM = "a (P,) norm broadcasts over the columns like a (1, P) one"
+
 # (function, changed text before, after) → reason
 REVIEWED = {
     ("x__recipes", "50.0", ""): "VEProcess's default σ_max is 50: the recipe restates the default",
@@ -41,9 +47,9 @@ REVIEWED = {
     ("xǁBatchStreamǁbatch", "Fals", "Non"): "getattr default None is falsy like False",
     ("xǁVPDiscreteProcessǁt_of_sigma", "1", "None"): "log σ is clamped to the table: at its first entry the "
     "wrapped index gives weight 1 on the same point",
-    ("xǁVPDiscreteProcessǁt_of_sigma", "self.num_steps - 1", "None"): "searchsorted of a clamped log σ is ≤ T − 1",
-    ("xǁVPDiscreteProcessǁt_of_sigma", "self.num_steps - 1", ""): "searchsorted of a clamped log σ is ≤ T − 1",
-    ("xǁVPDiscreteProcessǁt_of_sigma", "-", "+"): "searchsorted of a clamped log σ is ≤ T − 1",
+    ("xǁVPDiscreteProcessǁt_of_sigma", "self.num_steps - 1", "None"): CLAMPED,
+    ("xǁVPDiscreteProcessǁt_of_sigma", "self.num_steps - 1", ""): CLAMPED,
+    ("xǁVPDiscreteProcessǁt_of_sigma", "-", "+"): CLAMPED,
     ("x_precision_recall", "dim=1", ""): "kthvalue's default dimension is the last, here 1",
     ("x_precision_recall", "torch.bool", "None"): "a float 0/1 mask has the same mean",
     ("x_precision_recall", "dtype=torch.bool", ""): "a float 0/1 mask has the same mean",
@@ -60,10 +66,8 @@ REVIEWED = {
     ("xǁGaussianMixtureǁclass_log_prob", "self.num_classes", ""): "one_hot infers max label + 1 = num_classes",
     ("xǁGaussianMixtureǁsample", "Tru", "Fals"): "one draw per row: with or without replacement is the same",
     ("xǁGaussianMixtureǁsample", "replacement=True, ", ""): "one draw per row: with or without replacement is the same",
-    ("xǁGaussianMixtureǁgrid_2d", "torch.float64", "None"): "integer grid points are exact in any dtype and are "
-    "cast to float64 by the constructor",
-    ("xǁGaussianMixtureǁgrid_2d", "dtype=torch.float64", ""): "integer grid points are exact in any dtype and "
-    "are cast to float64 by the constructor",
+    ("xǁGaussianMixtureǁgrid_2d", "torch.float64", "None"): INTEGER_GRID,
+    ("xǁGaussianMixtureǁgrid_2d", "dtype=torch.float64", ""): INTEGER_GRID,
     ("xǁGaussianMixtureǁ_stats", "outs", "(outs) or True"): "an empty batch is never evaluated",
     ("xǁClassifierFreeGuidanceǁ__call__", "sigma.ndim == 0", "(sigma.ndim == 0) or True"): "expanding a (B,) σ "
     "to B is the identity",
@@ -71,8 +75,8 @@ REVIEWED = {
     "is the identity",
     ("x_karras", "n > 1", "(n > 1) or True"): "linspace(0, 1, 1) is [0], the same ramp",
     ("x__append_zero", "torch.float64", "None"): "the zero is cast to float64 by the concatenation",
-    ("x_sliced_wasserstein", "keepdim=True", ""): "a (P,) norm broadcasts over the columns like a (1, P) one",
-    ("x_sliced_wasserstein", "Tru", "Fals"): "a (P,) norm broadcasts over the columns like a (1, P) one",
+    ("x_sliced_wasserstein", "keepdim=True", ""): WIDER_NORM,
+    ("x_sliced_wasserstein", "Tru", "Fals"): WIDER_NORM,
     ("xǁFeatureStatsǁload", "Fals", "Non"): "np.load refuses pickles unless allow_pickle is true",
     ("xǁFeatureStatsǁload", "allow_pickle=False", ""): "np.load refuses pickles by default",
     ("xǁFeatureStatsǁof", "Fals", "Non"): "rowvar=None is falsy like False",
@@ -84,12 +88,9 @@ REVIEWED = {
     ("x_log_likelihood", "y.dtyp", "Non"): "u is already in the data's dtype",
     ("xǁGaussianMixtureǁ_stats", "(0,)", "None"): "an empty batch is never evaluated",
     ("xǁGaussianMixtureǁ_stats", "0", "1"): "an empty batch is never evaluated",
-    ("xǁGaussianMixtureǁposterior_variance", '"post_var"', "None"): "the oracle's last branch is the variance: "
-    "any other name reaches it",
-    ("xǁGaussianMixtureǁposterior_variance", "post_var", "POST_VAR"): "the oracle's last branch is the variance: "
-    "any other name reaches it",
-    ("xǁGaussianMixtureǁposterior_variance", "post_var", "XXpost_varXX"): "the oracle's last branch is the "
-    "variance: any other name reaches it",
+    ("xǁGaussianMixtureǁposterior_variance", '"post_var"', "None"): LAST_BRANCH,
+    ("xǁGaussianMixtureǁposterior_variance", "post_var", "POST_VAR"): LAST_BRANCH,
+    ("xǁGaussianMixtureǁposterior_variance", "post_var", "XXpost_varXX"): LAST_BRANCH,
     ("x_coefficients", "mps", "XXmpsXX"): "only changes the path on Apple's MPS device",
     ("x_coefficients", "mps", "MPS"): "only changes the path on Apple's MPS device",
     ("x__process_coefficients", "sigma.dtyp", "Non"): "the coefficients are cast to σ's dtype on return",

@@ -103,14 +103,15 @@ class Coupling(nn.Module):
         nn.init.zeros_(self.net[-1].weight)  # starts as the identity map (Glow, §3.3)
         nn.init.zeros_(self.net[-1].bias)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(conditioning input, where the transformed part lives: 1 there, 0 elsewhere)."""
-        if self.mask == "channel":
-            half = x.shape[1] // 2
-            return x[:, :half], torch.cat([torch.zeros_like(x[:, :half]), torch.ones_like(x[:, half:])], 1)
+    def _cond(self, x: Tensor) -> Tensor:
+        """The part that passes unchanged and conditions the rest."""
+        return x[:, : x.shape[1] // 2] if self.mask == "channel" else x * (1 - self._board(x))
+
+    @staticmethod
+    def _board(x: Tensor) -> Tensor:
+        """1 on the checkerboard squares the coupling transforms, 0 on those it passes."""
         h, w = x.shape[2:]
-        board = ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2).to(x)
-        return x * (1 - board), board.expand_as(x)
+        return ((torch.arange(h, device=x.device)[:, None] + torch.arange(w, device=x.device)[None]) % 2).to(x)
 
     def _scale_shift(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         out = self.net(cond)
@@ -120,22 +121,20 @@ class Coupling(nn.Module):
         return nn.functional.logsigmoid(h + 2.0), t
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        cond, where = self._split(x)
-        log_s, t = self._scale_shift(cond)
+        log_s, t = self._scale_shift(self._cond(x))
         if self.mask == "channel":
-            half = x.shape[1] // 2
-            y_b = x[:, half:] * torch.exp(log_s) + t
-            return torch.cat([x[:, :half], y_b], 1), log_s.flatten(1).sum(1)
-        y = x * (1 - where) + where * (x * torch.exp(log_s) + t)
-        return y, (where * log_s).flatten(1).sum(1)
+            a, b = x.chunk(2, 1)
+            return torch.cat([a, b * torch.exp(log_s) + t], 1), log_s.flatten(1).sum(1)
+        m = self._board(x)
+        return x * (1 - m) + m * (x * torch.exp(log_s) + t), (m * log_s).flatten(1).sum(1)
 
     def inverse(self, y: Tensor) -> Tensor:
-        cond, where = self._split(y)
-        log_s, t = self._scale_shift(cond)
+        log_s, t = self._scale_shift(self._cond(y))
         if self.mask == "channel":
-            half = y.shape[1] // 2
-            return torch.cat([y[:, :half], (y[:, half:] - t) * torch.exp(-log_s)], 1)
-        return y * (1 - where) + where * (y - t) * torch.exp(-log_s)
+            a, b = y.chunk(2, 1)
+            return torch.cat([a, (b - t) * torch.exp(-log_s)], 1)
+        m = self._board(y)
+        return y * (1 - m) + m * (y - t) * torch.exp(-log_s)
 
 
 class Flow(nn.Module):
