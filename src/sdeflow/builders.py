@@ -16,12 +16,22 @@ from torch import nn
 
 from .checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
 from .config import ConfigError, DiffusionConfig, ExperimentConfig, ModelConfig, config_from_dict
+from .config_objectives import AutoencoderConfig
 from .core.losses import Recipe, recipe
 from .core.preconditioning import Denoiser
 from .core.process import Process, get_process
 from .models import build_model
+from .models.autoencoder import Autoencoder, AutoencoderKL, VQAutoencoder
 
-__all__ = ["LoadedModel", "build_denoiser", "build_network", "build_recipe", "load"]
+__all__ = [
+    "LoadedModel",
+    "build_autoencoder",
+    "build_denoiser",
+    "build_network",
+    "build_recipe",
+    "load",
+    "load_autoencoder",
+]
 
 
 def build_recipe(cfg: DiffusionConfig) -> Recipe:
@@ -66,6 +76,42 @@ def build_denoiser(net: nn.Module, r: Recipe, cfg: DiffusionConfig, check_range:
     return Denoiser(net, r.process, r.parameterization, cfg.sigma_data, cfg.time_scale, check_range=check_range)
 
 
+def build_autoencoder(cfg: AutoencoderConfig, data_shape: tuple[int, ...]) -> Autoencoder:
+    """The KL or VQ autoencoder of an ``autoencoder`` config section for images of shape ``data_shape``."""
+    if len(data_shape) != 3:
+        raise ConfigError(f"an autoencoder needs image data (C, H, W), got shape {data_shape}")
+    kw = dict(in_channels=data_shape[0], channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
+              latent_channels=cfg.latent_channels, groups=cfg.groups, mid_attention=cfg.mid_attention)  # fmt: skip
+    if cfg.kind == "vq":
+        return VQAutoencoder(**kw, codebook_size=cfg.codebook_size, decay=cfg.codebook_decay, cosine=cfg.cosine)
+    return AutoencoderKL(**kw)
+
+
+def load_autoencoder(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Autoencoder:
+    """The autoencoder of a checkpoint written by an ``objective: autoencoder`` run (its EMA weights if it kept
+    them), or of a diffusers ``AutoencoderKL`` folder; frozen, in eval mode. The error names a missing path."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"autoencoder checkpoint not found: {p} (diffusion.autoencoder)")
+    if (p / "config.json").is_file() and (p / "diffusion_pytorch_model.safetensors").is_file():
+        return AutoencoderKL.from_diffusers(p).eval().requires_grad_(False).to(device)
+    ck = load_checkpoint(p)
+    meta = ck["meta"]
+    if meta.get("objective") != "autoencoder":
+        raise CheckpointError(
+            f"{ck['path']} was trained with objective '{meta.get('objective', 'diffusion')}', not 'autoencoder' "
+            "(diffusion.autoencoder must point to an autoencoder run's checkpoint)"
+        )
+    cfg = config_from_dict(meta["config"])
+    ae = build_autoencoder(cfg.autoencoder, tuple(meta["data_shape"]))
+    use_ema = ema and cfg.train.ema.kind != "none"
+    weights = ck["ema"] if use_ema else {k[12:]: v for k, v in ck["model"].items() if k.startswith("autoencoder.")}
+    source = f"{ck['path']}/{'ema' if use_ema else 'model'}.safetensors"
+    check_finite(weights, source)
+    load_weights(ae, weights, source)
+    return ae.eval().requires_grad_(False).to(device)
+
+
 @dataclass
 class LoadedModel:
     """What :func:`load` returns: a ready denoiser in eval mode and what sampling it needs."""
@@ -78,6 +124,15 @@ class LoadedModel:
     config: ExperimentConfig
     path: Path
     step: int
+    autoencoder: Autoencoder | None = None  # latent diffusion: samples are latents c·z, images decode(z)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Images from samples: the autoencoder's decoder of z = samples / c (the identity in pixel space)."""
+        if self.autoencoder is None:
+            return samples
+        with torch.no_grad():
+            z = samples.to(next(self.autoencoder.parameters()).device).float() / self.autoencoder.scaling_factor
+            return self.autoencoder.decode(z)
 
 
 def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -109,4 +164,24 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
     r = build_recipe(cfg.diffusion)
     den = build_denoiser(net.to(device), r, cfg.diffusion).eval()
     step = int(meta.get("step", 0))
-    return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step)
+    ae = _latent_autoencoder(cfg, meta, shape, Path(ck["path"]), device) if cfg.diffusion.autoencoder else None
+    return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step, ae)
+
+
+def _latent_autoencoder(
+    cfg: ExperimentConfig, meta: dict[str, Any], shape: tuple[int, ...], path: Path, device: str | torch.device
+) -> Autoencoder:
+    """The autoencoder a latent diffusion checkpoint was trained with, refused if it is not the same one."""
+    ae = load_autoencoder(cfg.diffusion.autoencoder, device=device)  # type: ignore[arg-type]
+    if len(shape) != 3 or ae.latent_channels != shape[0]:
+        raise CheckpointError(
+            f"{path} was trained on latents of shape {shape}, but its autoencoder {cfg.diffusion.autoencoder} "
+            f"(diffusion.autoencoder) has {ae.latent_channels} latent channels"
+        )
+    want = meta.get("autoencoder_fingerprint")
+    if want is not None and ae.fingerprint() != want:
+        raise CheckpointError(
+            f"the autoencoder at {cfg.diffusion.autoencoder} (diffusion.autoencoder) is not the one {path} was "
+            "trained with (its weights differ): its latents would not match the diffusion model"
+        )
+    return ae

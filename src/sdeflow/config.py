@@ -19,6 +19,7 @@ import yaml
 
 from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
 from .core.preconditioning import PARAMETERIZATIONS
+from .config_objectives import AutoencoderConfig, FlowConfig, GANConfig, validate_objective
 from .core.process import PROCESSES
 from .data import check_data_config
 from .errors import ConfigError
@@ -88,6 +89,9 @@ class DiffusionConfig:
     weighting: str | None = None
     sigma_data: float = 0.5
     time_scale: float | None = None  # default: 1000 for processes on t ∈ [0, 1], else 1
+    # latent diffusion: an autoencoder checkpoint (a run's step folder, or a diffusers AutoencoderKL folder)
+    autoencoder: str | None = None
+    cache_latents: bool = False  # encode the data once into safetensors shards under out_dir/latents
 
 
 @dataclass
@@ -146,11 +150,15 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     out_dir: str = "runs/experiment"
+    objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,4 +352,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _one_of("sample.sampler", s.sampler, SPECS)
     _one_of("data.on_error", cfg.data.on_error, ON_ERROR)
     check_data_config(cfg.data)
+    validate_objective(cfg)
+    if d.cache_latents and not d.autoencoder:
+        raise ConfigError("diffusion.cache_latents needs diffusion.autoencoder (the checkpoint that encodes the data)")
     return cfg

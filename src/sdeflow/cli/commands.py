@@ -64,7 +64,10 @@ def sample(args: argparse.Namespace) -> int:
     from ..data import save_image_grid
     from ..sampling import sample
 
-    den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    from ..builders import load
+
+    m = load(args.checkpoint, not args.no_ema, args.device)
+    den, r, shape, num_classes, cfg = m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
     model = den
     labels = None
     if args.class_label is not None or args.cfg is not None:
@@ -98,7 +101,8 @@ def sample(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x = res.samples.float().cpu()
+    x = m.decode(res.samples).float().cpu()  # latent diffusion: decoded to images
+    shape = tuple(x.shape[1:])
     np.savez(out / "samples.npz", x=x.numpy(), y=(labels.cpu().numpy() if labels is not None else np.array([])))
     if len(shape) == 3:
         save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
@@ -130,9 +134,15 @@ def demo(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from ..data import build_dataset
-    from ..evaluation import evaluate_samplers, feature_spaces, write_eval_report
+    from ..evaluation import evaluate_samplers, write_eval_report
 
-    den, r, shape, num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    from ..builders import load
+    from ..checkpoint import load_checkpoint
+
+    if load_checkpoint(args.checkpoint)["meta"].get("objective", "diffusion") != "diffusion":
+        return _evaluate_generator(args)
+    m = load(args.checkpoint, not args.no_ema, args.device)
+    den, r, shape, num_classes, cfg = m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
     model = den
     if args.cfg is not None:
         from ..sampling.guidance import ClassifierFreeGuidance
@@ -142,12 +152,7 @@ def evaluate(args: argparse.Namespace) -> int:
     ds = build_dataset(cfg.data, cfg.seed)
     if not hasattr(ds, "x") or len(shape) != 3:
         raise UsageError("sdeflow eval needs an image dataset held in memory")
-    cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
-    feature_fns, reference, real = feature_spaces(
-        ds.x, ds.y, cache, cfg.data.name, args.device, args.fid, args.inception_weights
-    )
-    if not feature_fns:
-        raise UsageError("no feature space: the dataset has no labels for the classifier; pass --fid")
+    feature_fns, reference, real = _features(args, ds, cfg)
     rows = evaluate_samplers(
         model,
         r.process,
@@ -161,6 +166,7 @@ def evaluate(args: argparse.Namespace) -> int:
         args.seed,
         args.device,
         real_features=real,
+        decode=m.decode,
     )
     meta = {
         "checkpoint": str(args.checkpoint),
@@ -170,6 +176,36 @@ def evaluate(args: argparse.Namespace) -> int:
         "ema": not args.no_ema,
     }
     write_eval_report(rows, args.out, "Sample quality vs NFE", meta)
+    print((Path(args.out) / "eval.md").read_text())
+    return 0
+
+
+def _features(args: argparse.Namespace, ds, cfg):
+    """(feature functions, reference statistics, real features) of ``sdeflow eval``'s feature spaces."""
+    from ..evaluation import feature_spaces
+
+    cache = Path(args.cache or Path(args.checkpoint).resolve().parent.parent / "eval_cache")
+    feature_fns, reference, real = feature_spaces(
+        ds.x, ds.y, cache, cfg.data.name, args.device, args.fid, args.inception_weights
+    )
+    if not feature_fns:
+        raise UsageError("no feature space: the dataset has no labels for the classifier; pass --fid")
+    return feature_fns, reference, real
+
+
+def _evaluate_generator(args: argparse.Namespace) -> int:
+    """``sdeflow eval`` of a GAN, VAE or flow checkpoint: one network pass per sample (NFE 1), same metrics."""
+    from ..data import build_dataset
+    from ..evaluation import evaluate_generator, write_eval_report
+    from ..training.objectives import load_objective
+
+    objective, cfg = load_objective(args.checkpoint, not args.no_ema, args.device)
+    ds = build_dataset(cfg.data, cfg.seed)
+    feature_fns, reference, real = _features(args, ds, cfg)
+    rows = [evaluate_generator(objective.generate, args.n, feature_fns, reference, args.seed, real_features=real,
+                               name=cfg.objective if cfg.objective != "autoencoder" else "vae")]  # fmt: skip
+    meta = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.name, "n": args.n, "ema": not args.no_ema}
+    write_eval_report(rows, args.out, f"Sample quality of the {rows[0]['sampler']}", meta)
     print((Path(args.out) / "eval.md").read_text())
     return 0
 

@@ -201,6 +201,25 @@ class FIDInceptionV3(nn.Module):
             x = getattr(m, name)(x)
         return F.avg_pool2d(x, 8, 8).reshape(len(x), 2048)
 
+    def feature_maps(self, images: Tensor, size: int = 299) -> list[Tensor]:
+        """Activations of five depths (after the stem's 3rd and 5th convolutions, mixed_2, mixed_7, mixed_10) of
+        images in [0, 1] resized to ``size``: the layers a perceptual loss compares (differentiable)."""
+        x = images.float()
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) * 255 / 128 - 1
+        m, out = self.layers, []
+        x = m.conv_2(m.conv_1(m.conv(x)))
+        out.append(x)
+        x = m.conv_4(m.conv_3(F.max_pool2d(x, 3, 2)))
+        out.append(x)
+        x = F.max_pool2d(x, 3, 2)
+        for name in ("mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7",
+                     "mixed_8", "mixed_9", "mixed_10"):  # fmt: skip
+            x = getattr(m, name)(x)
+            if name in ("mixed_2", "mixed_7", "mixed_10"):
+                out.append(x)
+        return out
+
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(

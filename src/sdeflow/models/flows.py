@@ -1,7 +1,8 @@
 """Normalizing flows with exact likelihood: the invertible layers of NICE, RealNVP and Glow as options of one model.
 
 A flow maps data x to a latent z = f(x) with a tractable Jacobian, so log p(x) = log N(f(x); 0, I) + log|det ∂f/∂x|
-exactly (Dinh et al. 2014, eq. 1). The layers here, each returning ``(y, logdet)`` per sample with an exact inverse:
+exactly (Dinh et al. 2014, eq. 1); :class:`~sdeflow.training.baselines.FlowObjective` trains it. The layers
+here, each returning ``(y, logdet)`` per sample with an exact inverse:
 
 - :class:`ActNorm`: y = (x + b)·e^s per channel, initialised from the first batch to zero mean, unit variance
   (Kingma & Dhariwal 2018, §3.1); log det = H·W·Σ s.
@@ -13,8 +14,7 @@ exactly (Dinh et al. 2014, eq. 1). The layers here, each returning ``(y, logdet)
 
 :class:`Flow` stacks them multi-scale (RealNVP §3.6): at each level squeeze, K steps of ActNorm → 1×1 conv →
 coupling (Glow's step; ``kind="additive"`` and no ActNorm/1×1 conv give NICE-like steps), then factor half the
-channels out to the prior. This is the flow family the probability-flow ODE's likelihood generalises; it is not yet
-wired into the trainer and CLI (issue "Latent diffusion …", item 5).
+channels out to the prior. This is the flow family the probability-flow ODE's likelihood generalises.
 """
 
 from __future__ import annotations
@@ -194,8 +194,12 @@ class Flow(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p(x) in nats: Σ log N(z; 0, I) + log|det ∂z/∂x| (Dinh et al. 2014, eq. 1)."""
-        zs, logdet = self(x)
-        log_2pi = torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype))
+        return self.log_prob_of(*self(x))
+
+    @staticmethod
+    def log_prob_of(zs: list[Tensor], logdet: Tensor) -> Tensor:
+        """log p(x) from the output ``(zs, logdet)`` of :meth:`forward` (lets a wrapped forward be used)."""
+        log_2pi = torch.log(torch.tensor(2 * torch.pi, dtype=zs[0].dtype))
         prior = sum((-0.5 * (z**2 + log_2pi)).flatten(1).sum(1) for z in zs)
         return prior + logdet
 
@@ -210,5 +214,7 @@ class Flow(nn.Module):
                 c //= 2
         shapes.append((c, h, w))
         p = next(self.parameters())
-        zs = [temperature * torch.randn((n, *s), generator=generator, dtype=p.dtype).to(p.device) for s in shapes]
+        where = generator.device if generator is not None else "cpu"
+        zs = [temperature * torch.randn((n, *s), generator=generator, dtype=p.dtype, device=where).to(p.device)
+              for s in shapes]  # fmt: skip
         return self.inverse(zs)

@@ -1,5 +1,6 @@
 """Denoising score matching as an objective: L = E_σ E_{x0,ε} [λ(σ) ‖D(x0 + σε; σ) − x0‖²]
-(Karras et al. 2022, eq. 2 and 8) with the recipe's σ-distribution and weighting."""
+(Karras et al. 2022, eq. 2 and 8) with the recipe's σ-distribution and weighting; in latent diffusion x0 = c·z with
+z ~ q(z|x) of a frozen autoencoder and c its scaling factor (Rombach et al. 2022, §3.3 and appendix G)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..builders import build_denoiser, build_network, build_recipe
 from ..config import ExperimentConfig
 from ..core.losses import Recipe, denoising_loss
 from ..core.preconditioning import Denoiser
+from ..models.autoencoder import Autoencoder, AutoencoderKL
 from ..sampling import sample
 from .ema import EMA
 from .objective import Objective
@@ -27,21 +29,61 @@ class DiffusionObjective(Objective):
         net: the backbone, called as ``net(x, c_noise, cond)``.
         recipe: process, parameterization, σ-distribution and weighting.
         cfg: the experiment (its ``diffusion``, ``train.ema`` and ``sample`` sections).
+        data_shape: the shape the network sees (the latent shape in latent diffusion).
+        autoencoder: latent diffusion's frozen autoencoder; batches hold images, or their posterior moments when
+            ``cached`` (see :mod:`~sdeflow.training.latents`).
     """
 
     name = "diffusion"
     phases = ("model",)
 
-    def __init__(self, net: nn.Module, recipe: Recipe, cfg: ExperimentConfig, data_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        net: nn.Module,
+        recipe: Recipe,
+        cfg: ExperimentConfig,
+        data_shape: tuple[int, ...],
+        autoencoder: Autoencoder | None = None,
+        cached: bool = False,
+    ):
         super().__init__()
         self.net, self.recipe, self.cfg, self.data_shape = net, recipe, cfg, tuple(data_shape)
+        self.autoencoder, self.cached = autoencoder, cached
+        if autoencoder is not None:
+            autoencoder.eval().requires_grad_(False)
         e = cfg.train.ema
         self.ema = EMA(net, e.kind, e.decay, e.std, e.start_step) if e.kind != "none" else None
         self.distribute(lambda m: m)
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, data_shape: tuple[int, ...]) -> DiffusionObjective:
-        return cls(build_network(cfg.model, data_shape), build_recipe(cfg.diffusion), cfg, data_shape)
+    def from_config(
+        cls, cfg: ExperimentConfig, data_shape: tuple[int, ...], autoencoder: Autoencoder | None = None,
+        cached: bool = False,
+    ) -> DiffusionObjective:  # fmt: skip
+        net = build_network(cfg.model, data_shape)
+        return cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached)
+
+    def clean_data(self, batch: Batch) -> Tensor:
+        """x0: the batch's images, or c·z with z = μ + σ·ε from their posterior (ε drawn from the batch)."""
+        ae = self.autoencoder
+        if ae is None:
+            return batch.x
+        with torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
+            moments = batch.x if self.cached else ae.moments(batch.x)
+            noise = batch.randn(*self.data_shape).to(moments.dtype) if isinstance(ae, AutoencoderKL) else None
+            return ae.latent(moments, noise) * ae.scaling_factor
+
+    def train(self, mode: bool = True) -> DiffusionObjective:
+        super().train(mode)
+        if self.autoencoder is not None:  # frozen: always in eval mode
+            self.autoencoder.eval()
+        return self
+
+    def meta(self) -> dict:
+        if self.autoencoder is None:
+            return {}
+        ae = self.autoencoder
+        return {"autoencoder_fingerprint": ae.fingerprint(), "latent_scale": ae.scaling_factor}
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
         return list(self.net.parameters())
@@ -51,10 +93,11 @@ class DiffusionObjective(Objective):
         object.__setattr__(self, "denoiser", build_denoiser(wrap(self.net), self.recipe, self.cfg.diffusion, False))
 
     def loss(self, batch: Batch, phase: str) -> Tensor:
+        x0 = self.clean_data(batch)
         sigma = self.recipe.sample_sigma(batch.global_size, batch.generator, batch.x.device)[batch.rows]
-        noise = batch.randn_like_x()
+        noise = batch.randn(*x0.shape[1:]).to(x0.dtype)
         weight = self.recipe.weight(sigma)
-        return denoising_loss(self.denoiser, batch.x, sigma, weight, noise=noise, cond=batch.labels).mean()
+        return denoising_loss(self.denoiser, x0, sigma, weight, noise=noise, cond=batch.labels).mean()
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -78,4 +121,6 @@ class DiffusionObjective(Objective):
         res = sample(self.ema_denoiser(), shape, self.recipe.process, s.sampler, s.steps, s.schedule,
                      cond=labels, seed=seed, device=device)  # fmt: skip
         self.net.train()
+        if self.autoencoder is not None:
+            return self.autoencoder.decode(res.samples / self.autoencoder.scaling_factor).clamp(-1, 1), labels
         return res.samples, labels

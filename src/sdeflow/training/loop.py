@@ -25,8 +25,9 @@ from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
 from ..errors import TrainingDivergedError
 from . import run_folder, state
-from .diffusion import DiffusionObjective
+from .latents import latent_data
 from .objective import Objective
+from .objectives import build_objective
 from .optim import build_phases
 from .run_log import RunLogger, plot_losses, save_samples_figure
 from .runtime import Runtime
@@ -86,6 +87,10 @@ class Trainer:
             dist.barrier()
         self.dataset = build_dataset(cfg.data, cfg.seed)
         self.data_shape = tuple(self.dataset.shape)
+        self.images = self.dataset  # what figures and reports show (latent diffusion trains on encodings)
+        autoencoder, cached = None, False
+        if cfg.objective == "diffusion" and cfg.diffusion.autoencoder:
+            self.dataset, autoencoder, self.data_shape, cached = latent_data(cfg, self.dataset, self.device, self.out)
         if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
             # in-memory data lives on the GPU: batches are gathered there, no per-step host-to-device copies
             self.dataset.x, self.dataset.y = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
@@ -96,7 +101,7 @@ class Trainer:
         self.stream = BatchStream(self.dataset, cfg.seed, t.batch_size // t.grad_accum, t.grad_accum, self.device,
                                   self.rank, self.world, num_classes, t.label_dropout, channels_last)  # fmt: skip
         torch.manual_seed(cfg.seed)
-        self.objective = objective or DiffusionObjective.from_config(cfg, self.data_shape)
+        self.objective = objective or build_objective(cfg, self.data_shape, autoencoder, cached)
         self.objective.to(self.device)
         if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
             self.objective.to(memory_format=torch.channels_last)
@@ -187,6 +192,11 @@ class Trainer:
             figure = self.sample_figure(self.out / "samples.png")
             if figure is not None:
                 summary["samples"] = str(figure)
+            images = getattr(self.images, "x", None)
+            if images is not None:
+                self.objective.eval()
+                summary.update(self.objective.report(self.out, images[:64].to(self.device)))
+                self.objective.train()
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -207,7 +217,7 @@ class Trainer:
         if drawn is None:
             return None
         nrow = self.cfg.model.num_classes or None
-        return save_samples_figure(drawn[0], path, nrow, getattr(self.dataset, "x", None))
+        return save_samples_figure(drawn[0], path, nrow, getattr(self.images, "x", None))
 
     def close(self) -> None:
         """Leave a distributed run cleanly (see :meth:`Runtime.close`); a no-op in a single process."""

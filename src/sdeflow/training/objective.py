@@ -11,6 +11,7 @@ the trainable ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,15 @@ class Objective(nn.Module):
     def saved_modules(self) -> tuple[nn.Module, nn.Module | None]:
         """(model, ema): what a checkpoint stores as ``model.safetensors`` and ``ema.safetensors``."""
         return self, None
+
+    def meta(self) -> dict[str, Any]:
+        """Extra entries for each checkpoint's ``meta.json`` (e.g. which autoencoder a latent model needs)."""
+        return {}
+
+    def report(self, out: Path, x: Tensor) -> dict[str, Any]:
+        """At the end of a run: figures written into the run folder ``out`` and figures of merit on ``x`` (a
+        few training images), for the run's summary."""
+        return {}
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> tuple[Tensor, Tensor | None] | None:

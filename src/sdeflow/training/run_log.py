@@ -110,3 +110,30 @@ def save_samples_figure(samples: Tensor, path: Path, nrow: int | None = None, da
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_reconstructions(x: Tensor, recon: Tensor, path: Path, n: int = 32) -> Path:
+    """A PNG grid: rows of originals, each followed by the row of their reconstructions."""
+    from ..data import save_image_grid
+
+    n = min(n, len(x))
+    nrow = min(8, n)
+    rows = [t for i in range(0, n, nrow) for t in (x[i : i + nrow], recon[i : i + nrow])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(torch.cat(rows).float().cpu(), path, nrow=nrow, upscale=max(1, 64 // x.shape[-1]))
+    return path
+
+
+def save_codebook_plot(counts: Tensor, path: Path) -> Path:
+    """Codebook usage: the EMA assignment count of every code, sorted, on a log scale."""
+    plt = _pyplot()
+    c = counts.float().cpu().sort(descending=True).values
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(len(c)), c.clamp_min(1e-3).numpy(), width=1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"code (sorted), {int((c >= 1e-2).sum())} of {len(c)} in use")
+    ax.set_ylabel("EMA count per batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -47,6 +47,7 @@ def save(
         "data_shape": list(data_shape),
         "num_classes": cfg.model.num_classes,
         "sdeflow_version": __version__,
+        **objective.meta(),
     }
     model, ema = objective.saved_modules()
     return save_checkpoint(directory, step, model, ema, state, meta, keep_last=cfg.train.keep_last)

@@ -38,6 +38,7 @@ class Batch:
     global_size: int
     rows: slice
     channels_last: bool = False
+    step: int = 0  # the optimizer step this batch belongs to (for objectives with step-dependent terms)
 
     def randn(self, *shape: int) -> Tensor:
         out = torch.randn((self.global_size, *shape), generator=self.generator, device=self.generator.device)
@@ -125,4 +126,4 @@ class BatchStream:
             labels = y.to(self.device)
             if self.label_dropout > 0:
                 labels = torch.where(u[0] < self.label_dropout, torch.full_like(labels, NULL_LABEL), labels)
-        return Batch(x, labels, g, self.micro, rows, self.channels_last)
+        return Batch(x, labels, g, self.micro, rows, self.channels_last, step)

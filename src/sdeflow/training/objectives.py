@@ -1,0 +1,61 @@
+"""The table of objectives the config's ``objective`` names, and the one call that builds one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
+from ..config import ConfigError, ExperimentConfig, config_from_dict
+from ..models.autoencoder import Autoencoder
+from .autoencoder import AutoencoderObjective
+from .baselines import FlowObjective, GANObjective
+from .diffusion import DiffusionObjective
+from .objective import Objective
+
+__all__ = ["OBJECTIVE_CLASSES", "build_objective", "load_objective"]
+
+OBJECTIVE_CLASSES: dict[str, type[Objective]] = {
+    "diffusion": DiffusionObjective,
+    "autoencoder": AutoencoderObjective,
+    "gan": GANObjective,
+    "flow": FlowObjective,
+}
+
+
+def build_objective(
+    cfg: ExperimentConfig, data_shape: tuple[int, ...], autoencoder: Autoencoder | None = None, cached: bool = False
+) -> Objective:
+    """``cfg.objective`` for data of ``data_shape`` (latent diffusion: the latent shape and its autoencoder)."""
+    if cfg.objective == "diffusion":
+        return DiffusionObjective.from_config(cfg, data_shape, autoencoder, cached)
+    return OBJECTIVE_CLASSES[cfg.objective](cfg, data_shape)  # type: ignore[call-arg]
+
+
+def load_objective(
+    path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[Objective, ExperimentConfig]:
+    """The objective of a checkpoint with its trained weights (the EMA copy drawn from when ``ema``), in eval mode:
+    how ``sdeflow eval`` samples a GAN, VAE or flow."""
+    ck = load_checkpoint(path)
+    meta = ck["meta"]
+    try:
+        cfg = config_from_dict(meta["config"])
+        shape = tuple(meta["data_shape"])
+    except KeyError as e:
+        raise CheckpointError(f"{ck['path']}/meta.json lacks {e}: not written by sdeflow's trainer") from None
+    except ConfigError as e:
+        raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
+    if cfg.objective == "autoencoder":  # the perceptual network only matters for training
+        cfg.autoencoder = dataclasses.replace(cfg.autoencoder, perceptual_weight=0.0)
+    objective = build_objective(cfg, shape)
+    model, averaged = objective.saved_modules()
+    for name, module in (("model", model), ("ema", averaged)):
+        if module is not None:
+            check_finite(ck[name], f"{ck['path']}/{name}.safetensors")
+            load_weights(module, ck[name], f"{ck['path']}/{name}.safetensors")
+    if not ema and hasattr(objective, "ema"):
+        objective.ema = None
+    return objective.to(device).eval(), cfg
