@@ -95,7 +95,10 @@ def load_autoencoder(path: str | Path, ema: bool = True, device: str | torch.dev
         raise CheckpointError(f"autoencoder checkpoint not found: {p} (diffusion.autoencoder)")
     if (p / "config.json").is_file() and (p / "diffusion_pytorch_model.safetensors").is_file():
         return AutoencoderKL.from_diffusers(p).eval().requires_grad_(False).to(device)
-    ck = load_checkpoint(p)
+    try:
+        ck = load_checkpoint(p)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (diffusion.autoencoder)") from None
     meta = ck["meta"]
     if meta.get("objective") != "autoencoder":
         raise CheckpointError(

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import yaml
 
+from .config_objectives import AutoencoderConfig, FlowConfig, GANConfig, validate_objective
 from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
 from .core.preconditioning import PARAMETERIZATIONS
-from .config_objectives import AutoencoderConfig, FlowConfig, GANConfig, validate_objective
 from .core.process import PROCESSES
 from .data import check_data_config
 from .errors import ConfigError

@@ -61,10 +61,9 @@ def _accelerated(model, den, args: argparse.Namespace):
 def sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..builders import load
     from ..data import save_image_grid
     from ..sampling import sample
-
-    from ..builders import load
 
     m = load(args.checkpoint, not args.no_ema, args.device)
     den, r, shape, num_classes, cfg = m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
@@ -133,11 +132,10 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..data import build_dataset
-    from ..evaluation import evaluate_samplers, write_eval_report
-
     from ..builders import load
     from ..checkpoint import load_checkpoint
+    from ..data import build_dataset
+    from ..evaluation import evaluate_samplers, write_eval_report
 
     if load_checkpoint(args.checkpoint)["meta"].get("objective", "diffusion") != "diffusion":
         return _evaluate_generator(args)

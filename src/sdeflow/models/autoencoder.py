@@ -187,7 +187,7 @@ class Autoencoder(nn.Module):
         self.register_buffer("latent_stats", torch.tensor([0.0, 0.0, 1.0]))
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        c, h, w = image_shape
+        _, h, w = image_shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"image size {h}×{w} is not divisible by the downsampling factor {self.factor}")
         return self.latent_channels, h // self.factor, w // self.factor
