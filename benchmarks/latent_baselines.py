@@ -103,6 +103,8 @@ def part_autoencoders(a: argparse.Namespace, fid: FID, dev: str) -> dict:
     rows = {}
     for name, config in (("kl", "mnist_ae_kl.yaml"), ("vq", "mnist_vqgan.yaml")):
         extra = [f"autoencoder.disc_start={a.ae_steps // 2}"]
+        if a.inception_weights:
+            extra.append(f"autoencoder.perceptual_weights={a.inception_weights}")
         if a.smoke:
             extra += ["autoencoder.perceptual_weight=0", "autoencoder.channels=[32,32,32]"]
         tr, s = train(config, Path(a.runs) / f"ae_{name}", a.ae_steps, a.batch, a.smoke, extra)
@@ -115,7 +117,8 @@ def part_autoencoders(a: argparse.Namespace, fid: FID, dev: str) -> dict:
         s.update(tr.objective.report(tr.out, held[:64]))  # codebook use; the run folder's figures
         s.update(rfid=fid(recon), psnr_heldout=round(float(psnr(held, held_recon).mean()), 2),
                  psnr_train=round(float(psnr(fid.real, recon).mean()), 2))  # fmt: skip
-        save_reconstructions(held[:40], held_recon[:40].clamp(-1, 1), Path(a.out) / f"latent_recon_{name}.png", n=40)
+        pick = torch.arange(0, len(held), max(1, len(held) // 40))[:40]  # every digit (the split is class-sorted)
+        save_reconstructions(held[pick], held_recon[pick].clamp(-1, 1), Path(a.out) / f"latent_recon_{name}.png", n=40)
         s["grid"] = f"latent_recon_{name}.png"
         rows[name] = s
         print(name, {k: v for k, v in s.items() if k != "command"}, flush=True)
@@ -190,7 +193,7 @@ def part_diffusion(a: argparse.Namespace, fid: FID, dev: str, ae_ckpt: str) -> d
             ("latent", "mnist_ldm.yaml", [f"diffusion.autoencoder={ae_ckpt}", *(["model.kwargs={model_channels: 32, "
              "channel_mult: [1], num_blocks: 1, attn_resolutions: []}"] if a.smoke else [])]))  # fmt: skip
     for name, config, extra in runs:
-        _, s = train(config, Path(a.runs) / name, a.steps, a.batch, a.smoke, [*UNCOND, "train.compile=true", *extra])
+        _, s = train(config, Path(a.runs) / name, a.steps, a.batch, a.smoke, [*UNCOND, "train.compile=false", *extra])
         m = load(s["checkpoint"], device=dev)
         for nfe in (10, 50):
             x = draw(m, nfe, a.n, dev)
@@ -322,16 +325,21 @@ def main() -> None:
     fid = FID(a.inception_weights, dev, a.smoke)
     parts = a.parts.split(",")
     ae_ckpt = a.ae_checkpoint
-    if "autoencoders" in parts:
-        data["results"]["autoencoders"] = part_autoencoders(a, fid, dev)
-        ae_ckpt = data["results"]["autoencoders"]["kl"]["checkpoint"]
-    if "diffusion" in parts:
-        if ae_ckpt is None:
-            raise SystemExit("--parts diffusion needs the autoencoders part or --ae-checkpoint")
-        data["results"]["diffusion"] = part_diffusion(a, fid, dev, ae_ckpt)
-    if "baselines" in parts:
-        data["results"]["baselines"] = part_baselines(a, fid, dev)
-    jfile.write_text(json.dumps(data, indent=1, default=str))
+    if "diffusion" in parts and ae_ckpt is None and "autoencoders" not in parts:
+        raise SystemExit("--parts diffusion needs the autoencoders part or --ae-checkpoint")
+    for part in parts:  # the JSON is written after each part: a cut-off run keeps what it finished
+        t0 = time.time()
+        if part == "autoencoders":
+            data["results"]["autoencoders"] = part_autoencoders(a, fid, dev)
+            ae_ckpt = data["results"]["autoencoders"]["kl"]["checkpoint"]
+        elif part == "diffusion":
+            data["results"]["diffusion"] = part_diffusion(a, fid, dev, ae_ckpt)
+        elif part == "baselines":
+            data["results"]["baselines"] = part_baselines(a, fid, dev)
+        else:
+            raise SystemExit(f"unknown part '{part}'")
+        print(f"part {part}: {time.time() - t0:.0f} s", flush=True)
+        jfile.write_text(json.dumps(data, indent=1, default=str))
     write_report(out, data)
 
 

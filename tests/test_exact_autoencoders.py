@@ -33,7 +33,9 @@ def test_gaussian_kl_matches_closed_form_and_torch_distributions():
 
 def test_kl_autoencoder_posterior_sample_and_logvar_clamp():
     ae = AutoencoderKL(1, (8,), 1, latent_channels=2, groups=4)
-    moments = torch.cat([torch.full((1, 2, 2, 2), 0.3), torch.tensor([-40.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)], 1)
+    moments = torch.cat(
+        [torch.full((1, 2, 2, 2), 0.3), torch.tensor([-40.0, 1.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)], 1
+    )
     noise = torch.full((1, 2, 2, 2), 2.0)
     z = ae.latent(moments, noise)
     # channel 0: log σ² clamped to −30 → σ = e^−15; channel 1: σ = e^0.5

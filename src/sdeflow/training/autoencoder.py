@@ -84,7 +84,11 @@ class AutoencoderObjective(Objective):
         if perceptual is None and a.perceptual_weight > 0:
             from ..evaluation.inception import load_fid_inception
 
-            perceptual = PerceptualLoss(load_fid_inception(a.perceptual_weights), size=a.perceptual_resolution)
+            try:
+                net = load_fid_inception(a.perceptual_weights)
+            except FileNotFoundError as e:
+                raise ConfigError(f"autoencoder.perceptual_weights: {e}") from None
+            perceptual = PerceptualLoss(net, size=a.perceptual_resolution)
         self.perceptual = perceptual
         e = cfg.train.ema
         self.ema = EMA(self.autoencoder, e.kind, e.decay, e.std, e.start_step) if e.kind != "none" else None
