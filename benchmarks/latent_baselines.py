@@ -208,6 +208,13 @@ def part_diffusion(a: argparse.Namespace, fid: FID, dev: str, ae_ckpt: str) -> d
     return rows
 
 
+def finite(x: torch.Tensor, row: dict, suffix: str) -> torch.Tensor:
+    """The samples with every pixel finite; the share of the others is recorded (a flow's inverse can overflow)."""
+    ok = torch.isfinite(x).flatten(1).all(1)
+    row[f"nonfinite_share{suffix}"] = round(1 - float(ok.float().mean()), 4)
+    return x[ok]
+
+
 def part_baselines(a: argparse.Namespace, fid: FID, dev: str) -> dict:
     from sdeflow.training.objectives import load_objective
 
@@ -219,6 +226,7 @@ def part_baselines(a: argparse.Namespace, fid: FID, dev: str) -> dict:
         t0 = time.perf_counter()
         x = torch.cat([obj.generate(min(500, a.n - i), 10_000 + i)[0].float().cpu() for i in range(0, a.n, 500)])
         s["sample_images_per_s"] = round(a.n / (time.perf_counter() - t0), 1)
+        x = finite(x, s, "")
         s["fid"] = fid(x)
         s["grid"] = grid(x, Path(a.out) / f"latent_samples_{name}.png")
         held = heldout(dev)[: a.n_nll]
@@ -229,7 +237,7 @@ def part_baselines(a: argparse.Namespace, fid: FID, dev: str) -> dict:
             s.update({k: round(v, 3) for k, v in obj.evaluate(held).items()})
             obj.f.temperature = 1.0
             x1 = torch.cat([obj.generate(500, 20_000 + i)[0].float().cpu() for i in range(0, a.n, 500)])[: a.n]
-            s["fid_t1"] = fid(x1)
+            s["fid_t1"] = fid(finite(x1, s, "_t1"))
         rows[name] = s
         print(name, {k: v for k, v in s.items() if k != "command"}, flush=True)
     return rows
@@ -250,6 +258,8 @@ def write_report(out: Path, data: dict) -> None:
         if key in b:
             s = b[key]
             f = f"{s['fid']:.2f}" + (f" / {s['fid_t1']:.2f}" if "fid_t1" in s else "")
+            bad = [s.get(k, 0) for k in ("nonfinite_share", "nonfinite_share_t1")]
+            f += f" ({', '.join(f'{100 * v:.1f} %' for v in bad)} non-finite samples left out)" if any(bad) else ""
             bpd = f"{s['bits_per_dim']:.3f}" if "bits_per_dim" in s else "—"
             L.append(f"| {label} | {f} (NFE 1) | — | {bpd} | 1 | {s['images_per_s']:.0f} | "
                      f"{s['sample_images_per_s']:.0f} |")  # fmt: skip

@@ -38,13 +38,14 @@ __all__ = ["Trainer", "TrainingDivergedError"]
 
 def divergence(losses: dict[str, float], history: list[float], factor: float, window: int) -> str:
     """Why a step's losses end the run, or "": a NaN/Inf loss, or a total over ``factor`` × the median of the last
-    ``window`` totals (a spike: the run is diverging before it overflows)."""
+    ``window`` totals (a spike: the run is diverging before it overflows), checked while that median is positive."""
     bad = [f"{k} {v}" for k, v in losses.items() if not math.isfinite(v)]
     if bad:
         return f"loss is {next(iter(losses.values()))}" if len(losses) == 1 else f"losses {bad} are not finite"
     if factor > 0 and window > 0 and len(history) >= window:
         median = statistics.median(history[-window:])
-        if sum(losses.values()) > factor * median:
+        # a ratio to the median means something for positive losses only (a VAE's −ELBO in nats can be < 0)
+        if median > 0 and sum(losses.values()) > factor * median:
             return f"loss {sum(losses.values()):.4g} is over {factor:g}× the median {median:.4g} of the last {window}"
     return ""
 
