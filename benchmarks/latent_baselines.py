@@ -221,7 +221,7 @@ def part_baselines(a: argparse.Namespace, fid: FID, dev: str) -> dict:
     rows = {}
     smoke = {"vae": ["autoencoder.channels=[32,32,32]"], "gan": ["gan.width=16"], "flow": ["flow.hidden=16"]}
     for name, config in (("vae", "mnist_vae.yaml"), ("gan", "mnist_gan.yaml"), ("flow", "mnist_flow.yaml")):
-        tr, s = train(config, Path(a.runs) / name, a.steps_baseline, a.batch, a.smoke, smoke[name] if a.smoke else [])
+        _, s = train(config, Path(a.runs) / name, a.steps_baseline, a.batch, a.smoke, smoke[name] if a.smoke else [])
         obj, _ = load_objective(s["checkpoint"], device=dev)
         t0 = time.perf_counter()
         x = torch.cat([obj.generate(min(500, a.n - i), 10_000 + i)[0].float().cpu() for i in range(0, a.n, 500)])

@@ -257,7 +257,7 @@ LAYERS = [  # bottom up, as the README's layout lists them; a module may import 
     {"data"},
     {"checkpoint"},
     {"sampling", "interop"},
-    {"config"},
+    {"config", "config_objectives"},
     {"builders"},
     {"evaluation"},
     {"training"},

@@ -244,9 +244,9 @@ def test_bad_latent_setups_name_the_field_or_file(tmp_path, kl_checkpoint, capsy
 
 
 def test_cli_trains_a_vqgan_and_writes_reconstructions_and_codebook_plot(tmp_path, capsys):
-    sets = [*BASE, "train.steps=2", "autoencoder.channels=[8,16]", "autoencoder.groups=4", "autoencoder.codebook_size=8",
-            "autoencoder.perceptual_weight=0", "autoencoder.disc_start=1", "autoencoder.disc_layers=1",
-            "train.precision=fp32"]  # fmt: skip
+    sets = [*BASE, "train.steps=2", "autoencoder.channels=[8,16]", "autoencoder.groups=4",
+            "autoencoder.codebook_size=8", "autoencoder.perceptual_weight=0", "autoencoder.disc_start=1",
+            "autoencoder.disc_layers=1", "train.precision=fp32"]  # fmt: skip
     argv = ["train", str(ROOT / "configs" / "mnist_vqgan.yaml"), "--out", str(tmp_path / "vq"), "--quiet"]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
     assert (tmp_path / "vq" / "reconstructions.png").is_file() and (tmp_path / "vq" / "codebook_usage.png").is_file()

@@ -29,6 +29,7 @@ __all__ = [
     "build_denoiser",
     "build_network",
     "build_recipe",
+    "checkpoint_config",
     "load",
     "load_autoencoder",
 ]
@@ -76,6 +77,17 @@ def build_denoiser(net: nn.Module, r: Recipe, cfg: DiffusionConfig, check_range:
     return Denoiser(net, r.process, r.parameterization, cfg.sigma_data, cfg.time_scale, check_range=check_range)
 
 
+def checkpoint_config(ck: dict[str, Any]) -> tuple[ExperimentConfig, tuple[int, ...]]:
+    """(config, data shape) stored in a checkpoint read by :func:`~sdeflow.checkpoint.load_checkpoint`."""
+    meta = ck["meta"]
+    try:
+        return config_from_dict(meta["config"]), tuple(meta["data_shape"])
+    except KeyError as e:
+        raise CheckpointError(f"{ck['path']}/meta.json lacks {e}: not written by sdeflow's trainer") from None
+    except ConfigError as e:
+        raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
+
+
 def build_autoencoder(cfg: AutoencoderConfig, data_shape: tuple[int, ...]) -> Autoencoder:
     """The KL or VQ autoencoder of an ``autoencoder`` config section for images of shape ``data_shape``."""
     if len(data_shape) != 3:
@@ -105,8 +117,8 @@ def load_autoencoder(path: str | Path, ema: bool = True, device: str | torch.dev
             f"{ck['path']} was trained with objective '{meta.get('objective', 'diffusion')}', not 'autoencoder' "
             "(diffusion.autoencoder must point to an autoencoder run's checkpoint)"
         )
-    cfg = config_from_dict(meta["config"])
-    ae = build_autoencoder(cfg.autoencoder, tuple(meta["data_shape"]))
+    cfg, shape = checkpoint_config(ck)
+    ae = build_autoencoder(cfg.autoencoder, shape)
     use_ema = ema and cfg.train.ema.kind != "none"
     weights = ck["ema"] if use_ema else {k[12:]: v for k, v in ck["model"].items() if k.startswith("autoencoder.")}
     source = f"{ck['path']}/{'ema' if use_ema else 'model'}.safetensors"
@@ -153,13 +165,7 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
         raise CheckpointError(
             f"{ck['path']} was trained with objective '{objective}'; sdeflow.load builds diffusion denoisers only"
         )
-    try:
-        cfg = config_from_dict(meta["config"])
-        shape = tuple(meta["data_shape"])
-    except KeyError as e:
-        raise CheckpointError(f"{ck['path']}/meta.json lacks {e}: not written by sdeflow's trainer") from None
-    except ConfigError as e:
-        raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
+    cfg, shape = checkpoint_config(ck)
     net = build_network(cfg.model, shape)
     which = "ema" if ema else "model"
     check_finite(ck[which], f"{ck['path']}/{which}.safetensors")

@@ -260,8 +260,6 @@ class AutoencoderKL(Autoencoder):
         as ``save_pretrained`` writes it) without importing diffusers; its ``scaling_factor`` becomes ours."""
         from safetensors.torch import load_file
 
-        from ..checkpoint import load_weights
-
         folder = Path(folder)
         cfg_path, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
         for p in (cfg_path, weights):
@@ -282,7 +280,10 @@ class AutoencoderKL(Autoencoder):
         sd = load_file(weights)
         sf = float(cfg.get("scaling_factor", 0.18215))
         sd["latent_stats"] = torch.tensor([1.0, 0.0, sf**-2])
-        load_weights(ae, sd, str(weights))
+        try:
+            ae.load_state_dict(sd)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped keys
+            raise ValueError(f"{weights} does not fit the AutoencoderKL its config.json describes: {e}") from None
         return ae
 
 

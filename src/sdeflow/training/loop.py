@@ -50,6 +50,17 @@ def divergence(losses: dict[str, float], history: list[float], factor: float, wi
     return ""
 
 
+def final_report(objective: Objective, images: Any, out: Path, device: torch.device) -> dict[str, Any]:
+    """The objective's end-of-run figures and figures of merit on up to 64 training images (in-memory data)."""
+    x = getattr(images, "x", None)
+    if x is None:
+        return {}
+    objective.eval()
+    report = objective.report(out, x[:64].to(device))
+    objective.train()
+    return report
+
+
 class Trainer:
     """Train an objective (default: the config's diffusion model) on the config's data.
 
@@ -88,8 +99,8 @@ class Trainer:
             dist.barrier()
         self.dataset = build_dataset(cfg.data, cfg.seed)
         self.data_shape = tuple(self.dataset.shape)
-        self.images = self.dataset  # what figures and reports show (latent diffusion trains on encodings)
-        autoencoder, cached = None, False
+        self.images = self.dataset  # what figures and reports show
+        autoencoder, cached = None, False  # latent diffusion: train on encodings
         if cfg.objective == "diffusion" and cfg.diffusion.autoencoder:
             self.dataset, autoencoder, self.data_shape, cached = latent_data(cfg, self.dataset, self.device, self.out)
         if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
@@ -193,11 +204,7 @@ class Trainer:
             figure = self.sample_figure(self.out / "samples.png")
             if figure is not None:
                 summary["samples"] = str(figure)
-            images = getattr(self.images, "x", None)
-            if images is not None:
-                self.objective.eval()
-                summary.update(self.objective.report(self.out, images[:64].to(self.device)))
-                self.objective.train()
+            summary.update(final_report(self.objective, self.images, self.out, self.device))
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 

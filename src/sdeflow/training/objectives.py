@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
-from ..config import ConfigError, ExperimentConfig, config_from_dict
+from ..builders import checkpoint_config
+from ..checkpoint import check_finite, load_checkpoint, load_weights
+from ..config import ExperimentConfig
 from ..models.autoencoder import Autoencoder
 from .autoencoder import AutoencoderObjective
 from .baselines import FlowObjective, GANObjective
@@ -40,14 +41,7 @@ def load_objective(
     """The objective of a checkpoint with its trained weights (the EMA copy drawn from when ``ema``), in eval mode:
     how ``sdeflow eval`` samples a GAN, VAE or flow."""
     ck = load_checkpoint(path)
-    meta = ck["meta"]
-    try:
-        cfg = config_from_dict(meta["config"])
-        shape = tuple(meta["data_shape"])
-    except KeyError as e:
-        raise CheckpointError(f"{ck['path']}/meta.json lacks {e}: not written by sdeflow's trainer") from None
-    except ConfigError as e:
-        raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
+    cfg, shape = checkpoint_config(ck)
     if cfg.objective == "autoencoder":  # the perceptual network only matters for training
         cfg.autoencoder = dataclasses.replace(cfg.autoencoder, perceptual_weight=0.0)
     objective = build_objective(cfg, shape)
