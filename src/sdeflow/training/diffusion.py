@@ -49,8 +49,10 @@ class DiffusionObjective(Objective):
         super().__init__()
         self.net, self.recipe, self.cfg, self.data_shape = net, recipe, cfg, tuple(data_shape)
         self.autoencoder, self.cached = autoencoder, cached
-        if autoencoder is not None:
+        if autoencoder is not None:  # frozen: its fingerprint and scaling factor are fixed for the run
             autoencoder.eval().requires_grad_(False)
+            self._ae_meta = {"autoencoder_fingerprint": autoencoder.fingerprint(),
+                             "latent_scale": autoencoder.scaling_factor}  # fmt: skip
         e = cfg.train.ema
         self.ema = EMA(net, e.kind, e.decay, e.std, e.start_step) if e.kind != "none" else None
         self.distribute(lambda m: m)
@@ -71,7 +73,7 @@ class DiffusionObjective(Objective):
         with torch.no_grad(), torch.autocast(batch.x.device.type, enabled=False):
             moments = batch.x if self.cached else ae.moments(batch.x)
             noise = batch.randn(*self.data_shape).to(moments.dtype) if isinstance(ae, AutoencoderKL) else None
-            return ae.latent(moments, noise) * ae.scaling_factor
+            return ae.latent(moments, noise) * self._ae_meta["latent_scale"]  # a float: no GPU sync per step
 
     def train(self, mode: bool = True) -> DiffusionObjective:
         super().train(mode)
@@ -82,8 +84,7 @@ class DiffusionObjective(Objective):
     def meta(self) -> dict:
         if self.autoencoder is None:
             return {}
-        ae = self.autoencoder
-        return {"autoencoder_fingerprint": ae.fingerprint(), "latent_scale": ae.scaling_factor}
+        return dict(self._ae_meta)
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
         return list(self.net.parameters())
