@@ -238,6 +238,8 @@ def test_bad_latent_setups_name_the_field_or_file(tmp_path, kl_checkpoint, capsy
             load(ldm)
     with pytest.raises(CheckpointError, match="not 'autoencoder'"):
         Trainer(cfg(tmp_path, "z", *UNET, f"diffusion.autoencoder={ldm}"), progress=False)
+    assert main(["eval", str(kl_checkpoint), "--n", "10", "--out", str(tmp_path / "e")]) != 0
+    assert "draws no samples" in capsys.readouterr().err
     rc = main(["train", str(ROOT / "configs" / "mnist_vqgan.yaml"), "--set", "autoencoder.codebook_size=0",
                "--out", str(tmp_path / "cli")])  # fmt: skip
     assert rc != 0 and "autoencoder.codebook_size" in capsys.readouterr().err

@@ -198,6 +198,12 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
     from ..training.objectives import load_objective
 
     objective, cfg = load_objective(args.checkpoint, not args.no_ema, args.device)
+    if objective.generate(1, 0) is None:
+        raise UsageError(
+            f"{args.checkpoint} is a '{cfg.objective}' checkpoint that draws no samples (an autoencoder without a "
+            "prior: only the VAE, autoencoder.reconstruction 'gaussian', samples); evaluate its reconstructions "
+            "with benchmarks/latent_baselines.py or use it as diffusion.autoencoder"
+        )
     ds = build_dataset(cfg.data, cfg.seed)
     feature_fns, reference, real = _features(args, ds, cfg)
     rows = [evaluate_generator(objective.generate, args.n, feature_fns, reference, args.seed, real_features=real,
