@@ -34,7 +34,9 @@ def test_cfg_mixes_by_hand_and_only_inside_a_closed_interval():
 
 
 def test_cfg_checks():
-    with pytest.raises(ValueError, match=r"^classifier-free guidance needs class labels \(cond\)$"):
+    with pytest.raises(
+        ValueError, match=r"^classifier-free guidance needs a condition \(class labels or encoded prompts\)$"
+    ):
         ClassifierFreeGuidance(toy_denoiser, 2.0)(torch.zeros(1, 1), torch.ones(1))
     for bad in ((1.0, 1.0), (2.0, 1.0), (1.0,)):
         with pytest.raises(ValueError, match="the guidance interval must be"):

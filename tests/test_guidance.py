@@ -104,7 +104,7 @@ def test_trained_noisy_classifier_guides_towards_the_class():
 
 def test_guidance_errors():
     x, s, _ = _points(4)
-    with pytest.raises(ValueError, match="needs class labels"):
+    with pytest.raises(ValueError, match="needs a condition"):
         ClassifierFreeGuidance(GM, 2.0)(x, s)
     with pytest.raises(ValueError, match="interval"):
         ClassifierFreeGuidance(GM, 2.0, interval=(3.0, 1.0))

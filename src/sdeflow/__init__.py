@@ -10,8 +10,9 @@ Importing ``sdeflow`` loads no training code.
 
 from ._moved import install as _install_moved_modules
 from .builders import LoadedModel, load
+from .core.condition import NULL_LABEL, TextCondition
 from .core.losses import Recipe, denoising_loss, loss_weight, recipe, sample_sigma
-from .core.mixture import NULL_LABEL, GaussianMixture
+from .core.mixture import GaussianMixture
 from .core.preconditioning import PARAMETERIZATIONS, Denoiser, coefficients, convert
 from .core.process import (
     EDMProcess,
@@ -26,6 +27,7 @@ from .core.process import (
     shift_time,
 )
 from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, cast_network_weights, sample
+from .sampling.prompts import sample_prompts
 
 __version__ = "0.1.0"
 _install_moved_modules()
@@ -44,6 +46,7 @@ __all__ = [
     "Recipe",
     "SampleResult",
     "SubVPProcess",
+    "TextCondition",
     "VEProcess",
     "VPCosineProcess",
     "VPDiscreteProcess",
@@ -58,6 +61,7 @@ __all__ = [
     "loss_weight",
     "recipe",
     "sample",
+    "sample_prompts",
     "sample_sigma",
     "shift_time",
 ]

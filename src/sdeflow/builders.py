@@ -7,6 +7,7 @@ imports the trainer; the trainer builds its objective from the same functions, s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,14 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
-from .config import ConfigError, DiffusionConfig, ExperimentConfig, ModelConfig, config_from_dict
+from .config import ConfigError, DiffusionConfig, ExperimentConfig, ModelConfig, TextConfig, config_from_dict
 from .config_objectives import AutoencoderConfig
 from .core.losses import Recipe, recipe
 from .core.preconditioning import Denoiser
 from .core.process import Process, get_process
 from .models import build_model
 from .models.autoencoder import Autoencoder, AutoencoderKL, VQAutoencoder
+from .models.text_encoder import TextEncoder
 
 __all__ = [
     "LoadedModel",
@@ -32,6 +34,7 @@ __all__ = [
     "checkpoint_config",
     "load",
     "load_autoencoder",
+    "load_text_encoder",
 ]
 
 
@@ -51,17 +54,24 @@ def build_recipe(cfg: DiffusionConfig) -> Recipe:
     return replace(r, **over)
 
 
-def build_network(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
-    """The backbone for data of shape ``data_shape`` (C, H, W) or (D,)."""
+def build_network(
+    cfg: ModelConfig, data_shape: tuple[int, ...], text_widths: tuple[int, int] | None = None
+) -> nn.Module:
+    """The backbone for data of shape ``data_shape`` (C, H, W) or (D,); ``text_widths``: (token, pooled) widths
+    of the text encoder of a text-conditioned model."""
     kw = dict(cfg.kwargs)
     if cfg.num_classes:
         kw["num_classes"] = cfg.num_classes
+    if text_widths is not None:
+        if cfg.kind not in ("unet", "mmdit"):
+            raise ConfigError(f"model.kind '{cfg.kind}' takes no text: use 'unet' (cross-attention) or 'mmdit'")
+        kw["context_dim"], kw["pooled_dim"] = text_widths
     if cfg.kind == "mlp":
         kw.setdefault("dim", math.prod(data_shape))
         return build_model("mlp", **kw)
     if len(data_shape) != 3:
         raise ConfigError(f"model.kind '{cfg.kind}' needs image data (C, H, W), got shape {data_shape}")
-    size_key = "img_resolution" if cfg.kind == "unet" else "input_size"
+    size_key = "img_resolution" if cfg.kind == "unet" else "input_size"  # dit, mmdit
     kw.setdefault(size_key, data_shape[-1])
     kw.setdefault("in_channels", data_shape[0])
     try:
@@ -127,6 +137,30 @@ def load_autoencoder(path: str | Path, ema: bool = True, device: str | torch.dev
     return ae.eval().requires_grad_(False).to(device)
 
 
+def load_text_encoder(
+    cfg: TextConfig, device: str | torch.device = "cpu", trained: dict[str, Any] | None = None
+) -> TextEncoder:
+    """The frozen text encoder ``text.encoder`` names. ``trained``: a checkpoint's meta, whose token width the
+    encoder must have (else the model cannot read its embeddings) and whose fingerprint it should have."""
+    try:
+        enc = TextEncoder.from_folder(cfg.encoder, cfg.max_length, device)  # type: ignore[arg-type]
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"text.encoder: {e}") from None
+    if trained is not None and "text_width" in trained:
+        if (enc.width, enc.pooled_width) != (trained["text_width"], trained["text_pooled_width"]):
+            raise ConfigError(
+                f"text.encoder {cfg.encoder} gives embeddings of width {enc.width}, but the model was trained on "
+                f"width {trained['text_width']}: use the encoder it was trained with ({trained.get('text_encoder')})"
+            )
+        if enc.fingerprint() != trained.get("text_fingerprint"):
+            warnings.warn(
+                f"text.encoder {cfg.encoder} is not the encoder the model was trained with (its weights differ): "
+                "prompts may not be understood",
+                stacklevel=2,
+            )
+    return enc
+
+
 @dataclass
 class LoadedModel:
     """What :func:`load` returns: a ready denoiser in eval mode and what sampling it needs."""
@@ -140,6 +174,22 @@ class LoadedModel:
     path: Path
     step: int
     autoencoder: Autoencoder | None = None  # latent diffusion: samples are latents c·z, images decode(z)
+    text_encoder: TextEncoder | None = None  # text-to-image: prompts → the network's condition
+
+    def sample_prompts(
+        self, prompts: list[str], guidance: float = 1.0, negative_prompt: str = "", **options: Any
+    ) -> torch.Tensor:
+        """Images (one per prompt, decoded) from a text-to-image model, e.g.
+        ``m.sample_prompts(["a red circle above a blue square"], guidance=4, sampler="dpmpp_2m", steps=20, seed=0)``;
+        ``options`` go to :func:`~sdeflow.sampling.sample`."""
+        from .sampling.prompts import sample_prompts
+
+        if self.text_encoder is None:
+            raise ValueError(f"{self.path} is not a text-to-image model (it has no text.encoder)")
+        device = next(self.denoiser.parameters()).device
+        res = sample_prompts(self.denoiser, self.text_encoder, prompts, self.data_shape, self.process, guidance,
+                             negative_prompt, device=device, **options)  # fmt: skip
+        return self.decode(res.samples)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Images from samples: the autoencoder's decoder of z = samples / c (the identity in pixel space)."""
@@ -150,10 +200,13 @@ class LoadedModel:
             return self.autoencoder.decode(z)
 
 
-def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+def load(
+    checkpoint: str | Path, ema: bool = True, device: str | torch.device = "cpu", text_encoder: str | None = None
+) -> LoadedModel:
     """Load a checkpoint folder written by the trainer (checksums verified, no code executed) into a denoiser.
 
-    ``ema``: the EMA weights (default) or the raw ones. Example::
+    ``ema``: the EMA weights (default) or the raw ones. ``text_encoder``: where the text encoder of a
+    text-to-image model is now, if not where its config says. Example::
 
         m = sdeflow.load("runs/digits_edm/checkpoints/step_00003000")
         x = sdeflow.sample(m.denoiser, (16, *m.data_shape), m.process, "dpmpp_2m", steps=10).samples
@@ -166,7 +219,10 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
             f"{ck['path']} was trained with objective '{objective}'; sdeflow.load builds diffusion denoisers only"
         )
     cfg, shape = checkpoint_config(ck)
-    net = build_network(cfg.model, shape)
+    if text_encoder is not None:
+        cfg.text = replace(cfg.text, encoder=text_encoder)
+    enc = load_text_encoder(cfg.text, device, meta) if cfg.text.encoder else None
+    net = build_network(cfg.model, shape, (enc.width, enc.pooled_width) if enc is not None else None)
     which = "ema" if ema else "model"
     check_finite(ck[which], f"{ck['path']}/{which}.safetensors")
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
@@ -174,7 +230,7 @@ def load(checkpoint: str | Path, ema: bool = True, device: str | torch.device = 
     den = build_denoiser(net.to(device), r, cfg.diffusion).eval()
     step = int(meta.get("step", 0))
     ae = _latent_autoencoder(cfg, meta, shape, Path(ck["path"]), device) if cfg.diffusion.autoencoder else None
-    return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step, ae)
+    return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step, ae, enc)
 
 
 def _latent_autoencoder(

@@ -43,6 +43,7 @@ __all__ = [
     "ExperimentConfig",
     "ModelConfig",
     "SampleConfig",
+    "TextConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
@@ -55,7 +56,7 @@ __all__ = [
 LR_SCHEDULES = ("constant", "cosine", "linear")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EMA_KINDS = ("fixed", "power", "none")
-MODEL_KINDS = ("mlp", "unet", "dit")
+MODEL_KINDS = ("mlp", "unet", "dit", "mmdit")
 ON_ERROR = ("skip", "raise")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "radam": "RAdam", "adagrad": "Adagrad"}
 
@@ -77,6 +78,15 @@ class ModelConfig:
     preset: str | None = "small"
     num_classes: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextConfig:
+    # a frozen text encoder: "minilm" (the bundled all-MiniLM-L6-v2) or a transformers save_pretrained folder
+    # (CLIP text model, T5 encoder, BERT-style); the dataset's captions condition the model, train.label_dropout
+    # drops them (the empty prompt) for classifier-free guidance
+    encoder: str | None = None
+    max_length: int = 32  # prompts are cut to this many tokens, with a warning
 
 
 @dataclass
@@ -153,6 +163,7 @@ class ExperimentConfig:
     objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -353,6 +364,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _one_of("data.on_error", cfg.data.on_error, ON_ERROR)
     check_data_config(cfg.data)
     validate_objective(cfg)
+    _at_least("text.max_length", cfg.text.max_length, 1)
+    if cfg.text.encoder and cfg.model.num_classes:
+        raise ConfigError("text.encoder and model.num_classes exclude each other: condition on prompts or on labels")
+    if cfg.model.kind == "mmdit" and not cfg.text.encoder:
+        raise ConfigError("model.kind 'mmdit' is text-conditioned: it needs text.encoder")
     if d.cache_latents and not d.autoencoder:
         raise ConfigError("diffusion.cache_latents needs diffusion.autoencoder (the checkpoint that encodes the data)")
     return cfg

@@ -65,25 +65,16 @@ def sample(args: argparse.Namespace) -> int:
     from ..data import save_image_grid
     from ..sampling import sample
 
-    m = load(args.checkpoint, not args.no_ema, args.device)
-    den, r, shape, num_classes, cfg = m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
+    m = load(args.checkpoint, not args.no_ema, args.device, args.text_encoder)
+    den, r, shape, cfg = m.denoiser, m.recipe, m.data_shape, m.config
+    prompts = _prompts(args, m)
+    args.n = args.n or (len(prompts) if prompts else 64)
+    cond, null, labels = _condition(args, m, prompts)
     model = den
-    labels = None
-    if args.class_label is not None or args.cfg is not None:
-        if not num_classes:
-            raise UsageError("--class/--cfg need a class-conditional model (model.num_classes > 0)")
-        if args.class_label is not None and not 0 <= args.class_label < num_classes:
-            raise UsageError(f"--class must lie in [0, {num_classes})")
-    if num_classes:
-        labels = (
-            torch.full((args.n,), args.class_label)
-            if args.class_label is not None
-            else torch.arange(args.n) % num_classes
-        ).to(args.device)
     if args.cfg is not None:
         from ..sampling.guidance import ClassifierFreeGuidance
 
-        model = ClassifierFreeGuidance(den, args.cfg, args.cfg_interval)
+        model = ClassifierFreeGuidance(den, args.cfg, args.cfg_interval, null=null)
     model = _accelerated(model, den, args)
     t0 = time.time()
     res = sample(
@@ -93,7 +84,7 @@ def sample(args: argparse.Namespace) -> int:
         args.sampler or cfg.sample.sampler,
         args.steps if args.steps is not None else cfg.sample.steps,
         args.schedule,
-        cond=labels,
+        cond=cond,
         seed=args.seed,
         device=args.device,
         progress=True,
@@ -103,10 +94,52 @@ def sample(args: argparse.Namespace) -> int:
     x = m.decode(res.samples).float().cpu()  # latent diffusion: decoded to images
     shape = tuple(x.shape[1:])
     np.savez(out / "samples.npz", x=x.numpy(), y=(labels.cpu().numpy() if labels is not None else np.array([])))
+    if prompts:  # sample i drew prompt i mod K: one column per prompt in the grid
+        (out / "prompts.txt").write_text("".join(f"{prompts[i % len(prompts)]}\n" for i in range(args.n)))
     if len(shape) == 3:
-        save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
+        nrow = len(prompts) if 1 < len(prompts) <= 16 else int(np.ceil(np.sqrt(args.n)))
+        save_image_grid(x, out / "samples.png", nrow=nrow, upscale=max(1, 64 // shape[-1]))
     print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(time.time() - t0, 2)}))
     return 0
+
+
+def _prompts(args: argparse.Namespace, m) -> list[str]:
+    """The prompts of --prompt / --prompts FILE (one per line), refused for a model that takes none."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UsageError(f"--prompts: file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts: {path} holds no prompts (one per line)")
+    if m.text_encoder is None and (prompts or args.negative_prompt is not None):
+        what = "class-conditional (use --class)" if m.num_classes else "unconditional"
+        raise UsageError(f"--prompt / --prompts / --negative-prompt need a text-to-image model; this one is {what}")
+    if m.text_encoder is not None and not prompts:
+        raise UsageError("this model is text-to-image: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def _condition(args: argparse.Namespace, m, prompts: list[str]):
+    """(cond, null for guidance, labels to save) of the sample command."""
+    if prompts:
+        from ..sampling.prompts import encode_prompts
+
+        cond = encode_prompts(m.text_encoder, [prompts[i % len(prompts)] for i in range(args.n)], args.device)
+        return cond, m.text_encoder.encode([args.negative_prompt or ""]).to(args.device), None
+    num_classes = m.num_classes
+    if args.class_label is not None or args.cfg is not None:
+        if not num_classes:
+            raise UsageError("--class/--cfg need a class-conditional or text-to-image model")
+        if args.class_label is not None and not 0 <= args.class_label < num_classes:
+            raise UsageError(f"--class must lie in [0, {num_classes})")
+    if not num_classes:
+        return None, None, None
+    labels = (
+        torch.full((args.n,), args.class_label) if args.class_label is not None else torch.arange(args.n) % num_classes
+    )
+    return labels.to(args.device), None, labels
 
 
 def demo(args: argparse.Namespace) -> int:

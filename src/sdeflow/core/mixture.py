@@ -23,9 +23,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NULL_LABEL", "GaussianMixture"]
+from .condition import NULL_LABEL
 
-NULL_LABEL = -1  # "no class": the unconditional denoiser (classifier-free guidance's null label)
+__all__ = ["NULL_LABEL", "GaussianMixture"]
 
 
 class GaussianMixture:

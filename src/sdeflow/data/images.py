@@ -354,3 +354,29 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, u
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def save_prompt_grid(images: Tensor, prompts: list[str], path: str | Path, upscale: int = 2) -> None:
+    """Save (K·m, C, H, W) images in [-1, 1], m per prompt in prompt order, as a PNG with one row per prompt and
+    the prompt written to the left of its row (Pillow's default font)."""
+    from PIL import Image, ImageDraw
+
+    k = len(prompts)
+    if k == 0 or len(images) % k:
+        raise ValueError(f"{len(images)} images do not split into rows for {k} prompts")
+    m = len(images) // k
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    h, w = x.shape[-2] * upscale, x.shape[-1] * upscale
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, text_w = 2, int(max(measure.textlength(p) for p in prompts)) + 12
+    canvas = Image.new("RGB", (text_w + m * (w + pad) + pad, k * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, prompt in enumerate(prompts):
+        top = pad + r * (h + pad)
+        draw.text((6, top + h // 2 - 5), prompt, fill="black")
+        for c in range(m):
+            tile = Image.fromarray(x[r * m + c].permute(1, 2, 0).numpy()).resize((w, h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (text_w + pad + c * (w + pad), top))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

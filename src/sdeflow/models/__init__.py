@@ -7,13 +7,14 @@ from torch import nn
 from .dit import DiT
 from .layers import GroupNorm, attention, attention_reference
 from .mlp import MLP
+from .mmdit import MMDiT
 from .unet import UNet
 
-__all__ = ["MLP", "DiT", "GroupNorm", "UNet", "attention", "attention_reference", "build_model"]
+__all__ = ["MLP", "DiT", "GroupNorm", "MMDiT", "UNet", "attention", "attention_reference", "build_model"]
 
 
 def build_model(kind: str, **kwargs: Any) -> nn.Module:
-    """Build a backbone by kind: ``mlp``, ``unet`` (``preset=`` optional) or ``dit`` (``preset=`` optional)."""
+    """Build a backbone by kind: ``mlp``, ``unet``, ``dit`` or ``mmdit`` (``preset=`` optional but for mlp)."""
     preset = kwargs.pop("preset", None)
     if kind == "mlp":
         return MLP(**kwargs)
@@ -21,4 +22,6 @@ def build_model(kind: str, **kwargs: Any) -> nn.Module:
         return UNet.preset(preset, **kwargs) if preset else UNet(**kwargs)
     if kind == "dit":
         return DiT.preset(preset, **kwargs) if preset else DiT(**kwargs)
-    raise ValueError(f"unknown model kind '{kind}'; choose 'mlp', 'unet' or 'dit'")
+    if kind == "mmdit":
+        return MMDiT.preset(preset, **kwargs) if preset else MMDiT(**kwargs)
+    raise ValueError(f"unknown model kind '{kind}'; choose 'mlp', 'unet', 'dit' or 'mmdit'")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .layers import LabelEmbedding, PositionalEmbedding, RMSNorm, attention
 
-__all__ = ["DiT", "sincos_pos_embed_2d"]
+__all__ = ["DiT", "modulate", "sincos_pos_embed_2d"]
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -37,7 +37,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
     return torch.cat([emb(xx), emb(yy)], dim=1).float()
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x·(1 + scale) + shift, per sample (Peebles & Xie 2023)."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -54,17 +55,20 @@ class DiTBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.reset_modulation()
+
+    def reset_modulation(self) -> None:
         nn.init.zeros_(self.ada[-1].weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=1)
         b, n, d = x.shape
-        qkv = self.qkv(_modulate(self.norm1(x), sh1, sc1)).reshape(b, n, 3, self.heads, d // self.heads)
+        qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).reshape(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d_head)
         a = attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(b, n, d)
         x = x + g1[:, None] * self.proj(a)
-        return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class DiT(nn.Module):
@@ -120,26 +124,34 @@ class DiT(nn.Module):
         if self.y_emb is not None:
             nn.init.normal_(self.y_emb.table.weight, std=0.02)
         for blk in self.blocks:
-            nn.init.zeros_(blk.ada[-1].weight)
-            nn.init.zeros_(blk.ada[-1].bias)
+            blk.reset_modulation()
         for layer in (self.final_ada[-1], self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"DiT expects (B, {self.in_channels}, {self.input_size}, {self.input_size}) input, got {tuple(x.shape)}"
-            )
-        b = len(x)
-        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
-        c = self.t_mlp(self.t_freq(c_noise))
+        h, c = self.embed(x, c_noise)
         if self.y_emb is not None:
-            c = c + self.y_emb(cond, b, x.device)
+            c = c + self.y_emb(cond, len(x), x.device)
         for blk in self.blocks:
             h = blk(h, c)
+        return self.unpatchify(h, c)
+
+    def embed(self, x: Tensor, c_noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(patch tokens + positions (B, N, D), noise embedding (B, D))."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__} expects (B, {self.in_channels}, {self.input_size}, {self.input_size}) input, "
+                f"got {tuple(x.shape)}"
+            )
+        h = self.patchify(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
+        return h, self.t_mlp(self.t_freq(c_noise))
+
+    def unpatchify(self, h: Tensor, c: Tensor) -> Tensor:
+        """The final adaLN layer and linear map of tokens (B, N, D) back to an image (B, C, H, W)."""
+        b = len(h)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
-        h = self.final(_modulate(self.final_norm(h), shift, scale))  # (B, N, p*p*C)
+        h = self.final(modulate(self.final_norm(h), shift, scale))  # (B, N, p*p*C)
         p, g, co = self.patch, self.grid, self.out_channels
         h = h.reshape(b, g, g, p, p, co).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(b, co, g * p, g * p)
@@ -153,11 +165,12 @@ class DiT(nn.Module):
 
     @classmethod
     def preset(cls, name: str, **kwargs: Any) -> DiT:
-        """``DiT-{S,B,L,XL}/{2,4,8}`` (Peebles & Xie 2023, Table 1)."""
+        """``DiT-{S,B,L,XL}/{2,4,8}`` (Peebles & Xie 2023, Table 1); ``MMDiT-…`` for :class:`MMDiT`."""
+        prefix = cls.__name__
         try:
-            size, patch = name.removeprefix("DiT-").split("/")
+            size, patch = name.removeprefix(f"{prefix}-").split("/")
             hidden, depth, heads = cls.SIZES[size]
             patch_size = int(patch)
         except (ValueError, KeyError):
-            raise ValueError(f"unknown DiT preset '{name}'; use DiT-{{S,B,L,XL}}/{{2,4,8}}") from None
+            raise ValueError(f"unknown {prefix} preset '{name}'; use {prefix}-{{S,B,L,XL}}/{{2,4,8}}") from None
         return cls(patch_size=patch_size, hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)

@@ -34,15 +34,19 @@ except AttributeError:  # PyTorch < 2.5 has no priority order
     _DEFAULT_SDPA_ORDER = None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """Multi-head attention on (B, heads, L, d) tensors through PyTorch's fused SDPA kernels.
+
+    ``key_mask`` (B, L_k) bool, True at keys to attend to: padded text tokens get zero weight, so the output does
+    not depend on how much padding a batch has (a mask routes SDPA to its memory-efficient or cuDNN kernels).
 
     The fused kernels (FlashAttention, cuDNN, memory-efficient) need the head dimension contiguous; given
     strided views (heads cut from an NCHW feature map) PyTorch silently falls back to the math path
     (``check_last_dim_stride_equals_1`` in ATen's sdp_utils), which under ``torch.compile`` became fp32
     CUDA-core GEMMs in our UNet's sampling profile. Such views are copied first."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def set_attention_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
@@ -84,10 +88,12 @@ def set_attention_backend(name: str = "auto", device: torch.device | str | None 
     return name
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(Q Kᵀ / √d) V, computed plainly (for tests)."""
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    return w @ v
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """softmax(Q Kᵀ / √d + M) V, computed plainly (for tests); M = −∞ at masked keys."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
 
 
 class PositionalEmbedding(nn.Module):
@@ -217,4 +223,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)  # one dtype: the fused kernel

@@ -2,8 +2,10 @@
 
 Residual blocks GroupNorm → SiLU → conv, with the noise(+label) embedding injected either additively
 (DDPM++) or as a scale-shift of the second normalisation (ADM's "adaptive group norm"); self-attention at
-chosen resolutions; 2× average-pool downsampling and nearest upsampling (the [1, 1] resample filter);
-skip connections scaled by √½; dropout; a zero-initialised output convolution.
+chosen resolutions (with a text condition: Stable Diffusion's spatial transformer, self- and cross-attention to the
+prompt's tokens, and the pooled prompt vector added to the noise embedding as SDXL does); 2× average-pool
+downsampling and nearest upsampling (the [1, 1] resample filter); skip connections scaled by √½; dropout; a
+zero-initialised output convolution.
 
 Presets (``UNet.preset(name)``):
 
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.condition import TextCondition, check_text
+from .cross_attention import SpatialTransformer
 from .layers import GroupNorm, LabelEmbedding, NoiseEmbedding, attention
 
 __all__ = ["UNet", "UNetBlock"]
@@ -32,12 +36,17 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def _groups(channels: int) -> int:
+    return min(32, channels // 4) if channels >= 4 else 1
+
+
 def _group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
-    return GroupNorm(min(32, channels // 4) if channels >= 4 else 1, channels, eps=eps)
+    return GroupNorm(_groups(channels), channels, eps=eps)
 
 
 class UNetBlock(nn.Module):
-    """A residual block, optionally resampling (up/down) and followed by self-attention."""
+    """A residual block, optionally resampling (up/down) and followed by self-attention (with ``context_dim``: by
+    a spatial transformer attending to the text)."""
 
     def __init__(
         self,
@@ -53,6 +62,8 @@ class UNetBlock(nn.Module):
         dropout: float = 0.0,
         scale_shift: bool = False,
         skip_scale: float = math.sqrt(0.5),
+        context_dim: int = 0,
+        token_positions: bool = False,
     ):
         super().__init__()
         self.up, self.down, self.scale_shift, self.skip_scale = up, down, scale_shift, skip_scale
@@ -63,9 +74,12 @@ class UNetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if (cin != cout or up or down) else None
-        self.num_heads = 0
-        if attention:
-            self.num_heads = cout // channels_per_head if channels_per_head else num_heads
+        self.num_heads, self.transformer = 0, None
+        heads = cout // channels_per_head if channels_per_head else num_heads
+        if attention and context_dim:
+            self.transformer = SpatialTransformer(cout, heads, context_dim, _groups(cout), token_positions)
+        elif attention:
+            self.num_heads = heads
             self.norm2 = _group_norm(cout)
             self.qkv = nn.Conv2d(cout, cout * 3, 1)
             self.proj = _zero(nn.Conv2d(cout, cout, 1))
@@ -77,7 +91,7 @@ class UNetBlock(nn.Module):
             return F.avg_pool2d(x, 2)
         return x
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, text: TextCondition | None = None) -> Tensor:
         orig = x
         x = self.conv0(self._resample(F.silu(self.norm0(x))))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
@@ -94,11 +108,14 @@ class UNetBlock(nn.Module):
             q, k, v = self.qkv(self.norm2(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
             a = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # (B, heads, HW, d)
             x = (self.proj(a.transpose(-1, -2).reshape(b, c, h, w)) + x) * self.skip_scale
+        if self.transformer is not None:
+            x = self.transformer(x, text.tokens, text.mask)  # type: ignore[union-attr]
         return x
 
 
 class UNet(nn.Module):
-    """``net(x, c_noise, cond)`` on images (B, C, H, W); ``cond`` is a class label (B,) or None / -1 (null)."""
+    """``net(x, c_noise, cond)`` on images (B, C, H, W); ``cond`` is a class label (B,) or None / -1 (null), or
+    with ``context_dim`` > 0 a :class:`~sdeflow.core.condition.TextCondition` of that token width."""
 
     def __init__(
         self,
@@ -116,6 +133,9 @@ class UNet(nn.Module):
         channels_per_head: int = 0,
         num_heads: int = 1,
         noise_scale: float = 1.0,
+        context_dim: int = 0,
+        pooled_dim: int = 0,
+        token_positions: bool = False,
     ):
         super().__init__()
         if img_resolution % (2 ** (len(channel_mult) - 1)):
@@ -125,9 +145,11 @@ class UNet(nn.Module):
         emb = model_channels * 4
         self.noise_emb = NoiseEmbedding(model_channels, emb, embedding, scale=noise_scale)
         self.label_emb = LabelEmbedding(num_classes, emb) if num_classes > 0 else None
-        kw: dict[str, Any] = dict(
-            emb=emb, dropout=dropout, scale_shift=scale_shift, channels_per_head=channels_per_head, num_heads=num_heads
-        )
+        self.context_dim = context_dim
+        self.pooled_emb = nn.Linear(pooled_dim or context_dim, emb) if context_dim else None
+        kw: dict[str, Any] = dict(emb=emb, dropout=dropout, scale_shift=scale_shift,
+                                  channels_per_head=channels_per_head, num_heads=num_heads, context_dim=context_dim,
+                                  token_positions=token_positions)  # fmt: skip
         self.enc = nn.ModuleDict()
         cout = in_channels
         for level, mult in enumerate(channel_mult):
@@ -160,17 +182,20 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         emb = self.noise_emb(c_noise)
+        text = check_text(cond, self.context_dim, len(x))
         if self.label_emb is not None:
             emb = emb + self.label_emb(cond, len(x), x.device)
+        if text is not None:
+            emb = emb + self.pooled_emb(text.pooled.to(emb.dtype))  # type: ignore[misc]
         emb = F.silu(emb)
         skips = []
         for m in self.enc.values():
-            x = m(x) if isinstance(m, nn.Conv2d) else m(x, emb)
+            x = m(x) if isinstance(m, nn.Conv2d) else m(x, emb, text)
             skips.append(x)
         for name, m in self.dec.items():
             if "block" in name:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = m(x, emb)
+            x = m(x, emb, text)
         return self.out_conv(F.silu(self.out_norm(x)))
 
     PRESETS: dict[str, dict[str, Any]] = {  # noqa: RUF012

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core.mixture import NULL_LABEL
+from ..core.condition import TextCondition, cat_conditions, null_condition
 from ..core.preconditioning import DenoiserFn, pad_dims
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "train_noisy_classifier"]
@@ -28,21 +28,29 @@ class ClassifierFreeGuidance:
         denoiser: a conditional denoiser that treats label -1 as "no label".
         weight: the guidance weight w.
         interval: (σ_lo, σ_hi): guide only there, elsewhere return the conditional D (Kynkäänniemi et al. 2024).
+        null: the condition ∅ stands for (one row or a batch): for text, the encoded empty prompt, or a negative
+            prompt (guidance then pushes away from it); default for class labels: the null label -1.
     """
 
-    def __init__(self, denoiser: DenoiserFn, weight: float, interval: tuple[float, float] | None = None):
-        self.denoiser, self.weight, self.interval = denoiser, weight, interval
+    def __init__(
+        self,
+        denoiser: DenoiserFn,
+        weight: float,
+        interval: tuple[float, float] | None = None,
+        null: Tensor | TextCondition | None = None,
+    ):
+        self.denoiser, self.weight, self.interval, self.null = denoiser, weight, interval, null
         if interval is not None and not (len(interval) == 2 and interval[0] < interval[1]):
             raise ValueError(f"the guidance interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {interval}")
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | TextCondition | None = None) -> Tensor:
         if cond is None:
-            raise ValueError("classifier-free guidance needs class labels (cond)")
+            raise ValueError("classifier-free guidance needs a condition (class labels or encoded prompts)")
         b = len(x)
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
-        null = torch.full_like(cond, NULL_LABEL)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null]))
+        both_cond = cat_conditions(cond, null_condition(cond, self.null, b))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both_cond)
         d_cond, d_uncond = both[:b], both[b:]
         w = torch.full((b,), float(self.weight), device=x.device, dtype=x.dtype)
         if self.interval is not None:

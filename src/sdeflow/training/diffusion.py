@@ -1,6 +1,8 @@
 """Denoising score matching as an objective: L = E_σ E_{x0,ε} [λ(σ) ‖D(x0 + σε; σ) − x0‖²]
 (Karras et al. 2022, eq. 2 and 8) with the recipe's σ-distribution and weighting; in latent diffusion x0 = c·z with
-z ~ q(z|x) of a frozen autoencoder and c its scaling factor (Rombach et al. 2022, §3.3 and appendix G)."""
+z ~ q(z|x) of a frozen autoencoder and c its scaling factor (Rombach et al. 2022, §3.3 and appendix G). A
+text-conditioned model reads each caption through a frozen text encoder, encoded once per caption; dropped
+captions (``train.label_dropout``) become the empty prompt, which classifier-free guidance uses as ∅."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..builders import build_denoiser, build_network, build_recipe
-from ..config import ExperimentConfig
+from ..builders import build_denoiser, build_network, build_recipe, load_text_encoder
+from ..config import ConfigError, ExperimentConfig
+from ..core.condition import TextCondition
 from ..core.losses import Recipe, denoising_loss
 from ..core.preconditioning import Denoiser
 from ..models.autoencoder import Autoencoder, AutoencoderKL
+from ..models.text_encoder import CaptionTable, TextEncoder
 from ..sampling import sample
 from .ema import EMA
 from .objective import Objective
@@ -32,6 +36,8 @@ class DiffusionObjective(Objective):
         data_shape: the shape the network sees (the latent shape in latent diffusion).
         autoencoder: latent diffusion's frozen autoencoder; batches hold images, or their posterior moments when
             ``cached`` (see :mod:`~sdeflow.training.latents`).
+        text_encoder, captions: text-to-image: the frozen encoder and the dataset's caption table, which batch
+            labels index (-1: the empty prompt).
     """
 
     name = "diffusion"
@@ -45,6 +51,8 @@ class DiffusionObjective(Objective):
         data_shape: tuple[int, ...],
         autoencoder: Autoencoder | None = None,
         cached: bool = False,
+        text_encoder: TextEncoder | None = None,
+        captions: list[str] | None = None,
     ):
         super().__init__()
         self.net, self.recipe, self.cfg, self.data_shape = net, recipe, cfg, tuple(data_shape)
@@ -53,6 +61,12 @@ class DiffusionObjective(Objective):
             autoencoder.eval().requires_grad_(False)
             self._ae_meta = {"autoencoder_fingerprint": autoencoder.fingerprint(),
                              "latent_scale": autoencoder.scaling_factor}  # fmt: skip
+        self.captions = CaptionTable(text_encoder, captions or []) if text_encoder is not None else None
+        self._text_meta = {}
+        if text_encoder is not None:  # which encoder reads the prompts: sampling must use the same one
+            enc = text_encoder
+            self._text_meta = {"text_encoder": cfg.text.encoder, "text_fingerprint": enc.fingerprint(),
+                               "text_width": enc.width, "text_pooled_width": enc.pooled_width}  # fmt: skip
         e = cfg.train.ema
         self.ema = EMA(net, e.kind, e.decay, e.std, e.start_step) if e.kind != "none" else None
         self.distribute(lambda m: m)
@@ -60,10 +74,23 @@ class DiffusionObjective(Objective):
     @classmethod
     def from_config(
         cls, cfg: ExperimentConfig, data_shape: tuple[int, ...], autoencoder: Autoencoder | None = None,
-        cached: bool = False,
+        cached: bool = False, captions: list[str] | None = None,
     ) -> DiffusionObjective:  # fmt: skip
-        net = build_network(cfg.model, data_shape)
-        return cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached)
+        encoder = None
+        if cfg.text.encoder:
+            if not captions:
+                raise ConfigError(f"text.encoder needs a captioned dataset (data.name: shapes), not '{cfg.data.name}'")
+            device = (
+                cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            )
+            encoder = load_text_encoder(cfg.text, device)
+        widths = (encoder.width, encoder.pooled_width) if encoder is not None else None
+        net = build_network(cfg.model, data_shape, widths)
+        return cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached, encoder, captions)
+
+    def condition(self, labels: Tensor | None, batch: int) -> Tensor | TextCondition | None:
+        """The network's condition for batch labels: class labels as they are, caption indices encoded."""
+        return labels if self.captions is None else self.captions(labels, batch)
 
     def clean_data(self, batch: Batch) -> Tensor:
         """x0: the batch's images, or c·z with z = μ + σ·ε from their posterior (ε drawn from the batch)."""
@@ -82,9 +109,7 @@ class DiffusionObjective(Objective):
         return self
 
     def meta(self) -> dict:
-        if self.autoencoder is None:
-            return {}
-        return dict(self._ae_meta)
+        return {**(self._ae_meta if self.autoencoder is not None else {}), **self._text_meta}
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
         return list(self.net.parameters())
@@ -98,7 +123,8 @@ class DiffusionObjective(Objective):
         sigma = self.recipe.sample_sigma(batch.global_size, batch.generator, batch.x.device)[batch.rows]
         noise = batch.randn(*x0.shape[1:]).to(x0.dtype)
         weight = self.recipe.weight(sigma)
-        return denoising_loss(self.denoiser, x0, sigma, weight, noise=noise, cond=batch.labels).mean()
+        cond = self.condition(batch.labels, len(x0))
+        return denoising_loss(self.denoiser, x0, sigma, weight, noise=noise, cond=cond).mean()
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -114,13 +140,15 @@ class DiffusionObjective(Objective):
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> tuple[Tensor, Tensor | None]:
-        """n samples of the EMA model with the configured sampler; conditional models cycle through the classes."""
-        s, k = self.cfg.sample, self.cfg.model.num_classes
+        """n samples of the EMA model with the configured sampler; conditional models cycle through the classes
+        (text-conditioned ones through the first captions of the training set)."""
+        s = self.cfg.sample
+        k = self.cfg.model.num_classes or (len(self.captions.pooled) - 1 if self.captions is not None else 0)
         device = next(self.net.parameters()).device
         labels = torch.arange(n, device=device) % k if k else None
         shape = (n, *self.data_shape)
         res = sample(self.ema_denoiser(), shape, self.recipe.process, s.sampler, s.steps, s.schedule,
-                     cond=labels, seed=seed, device=device)  # fmt: skip
+                     cond=self.condition(labels, n) if k else None, seed=seed, device=device)  # fmt: skip
         self.net.train()
         if self.autoencoder is not None:
             return self.autoencoder.decode(res.samples / self.autoencoder.scaling_factor).clamp(-1, 1), labels

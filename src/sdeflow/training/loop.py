@@ -61,6 +61,15 @@ def final_report(objective: Objective, images: Any, out: Path, device: torch.dev
     return report
 
 
+def conditioning(cfg: ExperimentConfig, dataset: Any, images: Any) -> tuple[int, list[str] | None]:
+    """(how many label values the batch stream hands over, the caption table of a text-conditioned model): class
+    labels, or caption indices into the table of the dataset's distinct captions."""
+    if cfg.model.num_classes and getattr(dataset, "num_classes", 0) == 0:
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but dataset '{cfg.data.name}' has no labels")
+    captions = getattr(images, "captions", None) if cfg.text.encoder else None
+    return cfg.model.num_classes or len(captions or ()), captions
+
+
 class Trainer:
     """Train an objective (default: the config's diffusion model) on the config's data.
 
@@ -106,14 +115,12 @@ class Trainer:
         if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
             # in-memory data lives on the GPU: batches are gathered there, no per-step host-to-device copies
             self.dataset.x, self.dataset.y = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
-        num_classes = cfg.model.num_classes
-        if num_classes and getattr(self.dataset, "num_classes", 0) == 0:
-            raise ConfigError(f"model.num_classes = {num_classes} but dataset '{cfg.data.name}' has no labels")
+        num_classes, captions = conditioning(cfg, self.dataset, self.images)
         channels_last = t.channels_last and len(self.data_shape) == 3
         self.stream = BatchStream(self.dataset, cfg.seed, t.batch_size // t.grad_accum, t.grad_accum, self.device,
                                   self.rank, self.world, num_classes, t.label_dropout, channels_last)  # fmt: skip
         torch.manual_seed(cfg.seed)
-        self.objective = objective or build_objective(cfg, self.data_shape, autoencoder, cached)
+        self.objective = objective or build_objective(cfg, self.data_shape, autoencoder, cached, captions)
         self.objective.to(self.device)
         if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
             self.objective.to(memory_format=torch.channels_last)

@@ -27,11 +27,16 @@ OBJECTIVE_CLASSES: dict[str, type[Objective]] = {
 
 
 def build_objective(
-    cfg: ExperimentConfig, data_shape: tuple[int, ...], autoencoder: Autoencoder | None = None, cached: bool = False
+    cfg: ExperimentConfig,
+    data_shape: tuple[int, ...],
+    autoencoder: Autoencoder | None = None,
+    cached: bool = False,
+    captions: list[str] | None = None,
 ) -> Objective:
-    """``cfg.objective`` for data of ``data_shape`` (latent diffusion: the latent shape and its autoencoder)."""
+    """``cfg.objective`` for data of ``data_shape`` (latent diffusion: the latent shape and its autoencoder;
+    text-to-image: the dataset's caption table)."""
     if cfg.objective == "diffusion":
-        return DiffusionObjective.from_config(cfg, data_shape, autoencoder, cached)
+        return DiffusionObjective.from_config(cfg, data_shape, autoencoder, cached, captions)
     return OBJECTIVE_CLASSES[cfg.objective](cfg, data_shape)  # type: ignore[call-arg]
 
 
