@@ -222,6 +222,8 @@ def test_padding_changes_nothing(kind, gen):
         assert not torch.allclose(net(x, c, unmasked), out, atol=1e-3)  # the mask is what makes them equal
         other = TextCondition(tokens.flip(0), mask.flip(0), pooled)
         assert not torch.allclose(net(x, c, other)[0], out[0], atol=1e-3)  # and the text does matter
+        pooled_only = TextCondition(tokens, mask, pooled.flip(0))
+        assert not torch.allclose(net(x, c, pooled_only)[0], out[0], atol=1e-3)  # the pooled vector too
 
 
 @pytest.mark.parametrize("kind", ["unet", "mmdit"])

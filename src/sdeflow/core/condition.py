@@ -40,6 +40,25 @@ class TextCondition:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def shape(self) -> torch.Size:
+        """The token tensor's shape (B, L, D): with the dtype, what a CUDA graph of this condition is keyed by."""
+        return self.tokens.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    def clone(self) -> TextCondition:
+        return TextCondition(self.tokens.clone(), self.mask.clone(), self.pooled.clone())
+
+    def copy_(self, other: TextCondition) -> TextCondition:
+        """In place, as ``Tensor.copy_`` (the static inputs of a CUDA graph)."""
+        self.tokens.copy_(other.tokens)
+        self.mask.copy_(other.mask)
+        self.pooled.copy_(other.pooled)
+        return self
+
     def __getitem__(self, rows: slice | Tensor | int) -> TextCondition:
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
