@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from timing import results_json
+
 ROOT = Path(__file__).resolve().parents[1]
 UNCOND = ["model.num_classes=0", "train.label_dropout=0", "data.split=fit"]
 
@@ -318,12 +320,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jfile = out / "latent_baselines.json"
-    if a.report_only:
-        write_report(out, json.loads(jfile.read_text()))
+    jfile = results_json(a.out, "latent_baselines", a.report_only, write_report)
+    if jfile is None:
         return
+    out = jfile.parent
     dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     data = json.loads(jfile.read_text()) if a.append and jfile.is_file() else {"results": {}}
     data["meta"] = {

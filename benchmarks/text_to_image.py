@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from timing import results_json
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"unet": "shapes_unet_text.yaml", "mmdit": "shapes_mmdit.yaml"}
 QUOTAS = {"single": 200, "relation": 200, "count": 100, "list": 100}
@@ -208,12 +210,10 @@ def main() -> None:
     a = p.parse_args()
     a.cfg = [float(v) for v in a.cfg.split(",")]
     a.nfe = [int(v) for v in a.nfe.split(",")]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jfile = out / "text_to_image.json"
-    if a.report_only:
-        write_report(out, json.loads(jfile.read_text()))
+    jfile = results_json(a.out, "text_to_image", a.report_only, write_report)
+    if jfile is None:
         return
+    out = jfile.parent
     if a.smoke:
         a.steps, a.batch, a.fid_n, a.cfg, a.nfe = 2, 8, 16, [1.0, 4.0], [10]
     dev = "cuda" if torch.cuda.is_available() else "cpu"

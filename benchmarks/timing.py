@@ -266,6 +266,20 @@ def start(name: str, doc: str, add_args: Callable[[argparse.ArgumentParser], Non
     return bench, args
 
 
+def results_json(
+    out: str | Path, name: str, report_only: bool, write_report: Callable[[Path, dict], None]
+) -> Path | None:
+    """``out/<name>.json`` in a folder made ready; with ``report_only`` the markdown is rewritten from it and None
+    returned (for the scripts that write their own tables: latent_baselines.py, text_to_image.py)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    jfile = folder / f"{name}.json"
+    if report_only:
+        write_report(folder, json.loads(jfile.read_text()))
+        return None
+    return jfile
+
+
 def load_results(out: Path, name: str) -> tuple[dict, list[dict]]:
     d = json.loads((out / f"{name}.json").read_text())
     return d["meta"], d["rows"]

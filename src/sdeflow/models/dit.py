@@ -95,6 +95,7 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.input_size, self.patch, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.num_heads, self.mlp_ratio, self.qk_norm = hidden_size, num_heads, mlp_ratio, qk_norm
         self.out_channels = out_channels or in_channels
         self.grid = input_size // patch_size
         self.patchify = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)

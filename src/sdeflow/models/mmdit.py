@@ -12,6 +12,8 @@ MLP of the pooled text vector (SD3's ``time_text_embed``); the last block update
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -83,35 +85,24 @@ class MMDiTBlock(nn.Module):
 
 class MMDiT(DiT):
     """``net(x, c_noise, cond)`` with ``cond`` a :class:`~sdeflow.core.condition.TextCondition` of token width
-    ``context_dim`` (pooled width ``pooled_dim``, default the same); other arguments as :class:`DiT`."""
+    ``context_dim`` (pooled width ``pooled_dim``, default the same); ``dit``: :class:`DiT`'s other arguments
+    (input_size, patch_size, in_channels, hidden_size, num_heads, mlp_ratio, ...)."""
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: int | None = None,
-        hidden_size: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        context_dim: int = 384,
-        pooled_dim: int = 0,
-        qk_norm: bool = True,
-        noise_scale: float = 1.0,
-        freq_channels: int = 256,
-    ):
-        super().__init__(input_size, patch_size, in_channels, out_channels, hidden_size, 0, num_heads, mlp_ratio,
-                         qk_norm=qk_norm, noise_scale=noise_scale, freq_channels=freq_channels)  # fmt: skip
+    def __init__(self, context_dim: int = 384, pooled_dim: int = 0, depth: int = 12, qk_norm: bool = True, **dit: Any):
+        if dit.get("num_classes"):
+            raise ValueError("MM-DiT is conditioned on text, not class labels (num_classes)")
+        super().__init__(depth=0, qk_norm=qk_norm, **dit)  # patchify, positions, noise embedding, final layer
         if context_dim < 1:
             raise ValueError(f"MM-DiT needs the text encoder's width context_dim >= 1, got {context_dim}")
+        hidden_size = self.hidden_size
         self.context_dim = context_dim
         self.context_embed = nn.Linear(context_dim, hidden_size)
         self.pooled_embed = nn.Sequential(
             nn.Linear(pooled_dim or context_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.blocks = nn.ModuleList(
-            MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)
+            MMDiTBlock(hidden_size, self.num_heads, self.mlp_ratio, qk_norm, pre_only=i == depth - 1)
+            for i in range(depth)
         )
         self._init_weights()
 
