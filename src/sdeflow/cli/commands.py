@@ -14,6 +14,11 @@ from ..errors import UsageError
 
 __all__ = ["demo", "evaluate", "load_model_from_checkpoint", "nll", "sample", "train"]
 
+TEXT_MODEL = (
+    "{what} unconditional and class-conditional models; a text-to-image model is measured by prompt adherence "
+    "(sdeflow.evaluation.adherence; python benchmarks/text_to_image.py --phase eval)"
+)
+
 
 def train(args: argparse.Namespace) -> int:
     from ..config import load_config
@@ -174,6 +179,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return _evaluate_generator(args)
     m = load(args.checkpoint, not args.no_ema, args.device)
     den, r, shape, num_classes, cfg = m.denoiser, m.recipe, m.data_shape, m.num_classes, m.config
+    if m.text_encoder is not None:
+        raise UsageError(TEXT_MODEL.format(what="sdeflow eval scores samplers of"))
     model = den
     if args.cfg is not None:
         from ..sampling.guidance import ClassifierFreeGuidance
@@ -255,6 +262,8 @@ def nll(args: argparse.Namespace) -> int:
     from ..sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 
     den, r, shape, _num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
+    if cfg.text.encoder:
+        raise UsageError(TEXT_MODEL.format(what="sdeflow nll measures the likelihood of"))
     data_cfg = DataConfig(**{**cfg.data.__dict__, "split": args.split})
     ds = build_dataset(data_cfg, cfg.seed)
     x = ds.x[: args.n]
