@@ -349,7 +349,10 @@ def test_text_run_records_its_encoder_and_samples_from_prompts(text_run, encoder
     assert main(argv) == 0
     assert (out / "prompts.txt").read_text().splitlines() == ["a red circle above a blue square",
                                                               "two green crosses"] * 2  # fmt: skip
-    assert (out / "samples.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(out / "samples.png")  # one row per prompt (two rows of 2 × 32 px upscaled by 2, 2 px gaps)
+    assert grid.height == 2 * (64 + 2) + 2 and grid.width > 2 * 66
     # the objective's condition of caption indices is the encoding of those captions
     from sdeflow.config import load_config
     from sdeflow.data import ShapesDataset

@@ -67,7 +67,7 @@ def sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..builders import load
-    from ..data import save_image_grid
+    from ..data import save_image_grid, save_prompt_grid
     from ..sampling import sample
 
     m = load(args.checkpoint, not args.no_ema, args.device, args.text_encoder)
@@ -101,9 +101,12 @@ def sample(args: argparse.Namespace) -> int:
     np.savez(out / "samples.npz", x=x.numpy(), y=(labels.cpu().numpy() if labels is not None else np.array([])))
     if prompts:  # sample i drew prompt i mod K: one column per prompt in the grid
         (out / "prompts.txt").write_text("".join(f"{prompts[i % len(prompts)]}\n" for i in range(args.n)))
-    if len(shape) == 3:
-        nrow = len(prompts) if 1 < len(prompts) <= 16 else int(np.ceil(np.sqrt(args.n)))
-        save_image_grid(x, out / "samples.png", nrow=nrow, upscale=max(1, 64 // shape[-1]))
+    k = len(prompts)
+    if len(shape) == 3 and 0 < k <= 16 and args.n % k == 0:  # one row per prompt, the prompt written beside it
+        order = [i for p in range(k) for i in range(p, args.n, k)]
+        save_prompt_grid(x[order], prompts, out / "samples.png", upscale=max(1, 64 // shape[-1]))
+    elif len(shape) == 3:
+        save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
     print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(time.time() - t0, 2)}))
     return 0
 
