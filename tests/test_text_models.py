@@ -13,6 +13,7 @@ from sdeflow.cli import main
 from sdeflow.core.condition import TextCondition, cat_conditions, null_condition
 from sdeflow.models import MMDiT, UNet
 from sdeflow.models.cross_attention import GEGLU, SpatialTransformer
+from sdeflow.models.dit import sincos_pos_embed_2d
 from sdeflow.models.layers import attention, attention_reference
 from sdeflow.models.mmdit import MMDiTBlock
 from sdeflow.models.text_encoder import CaptionTable, TextEncoder, resolve_text_encoder
@@ -187,7 +188,7 @@ def test_geglu_and_the_spatial_transformer_start(gen):
     x = torch.randn(3, 6, generator=gen)
     a, g = ff.proj(x).chunk(2, -1)
     assert torch.allclose(ff(x), ff.out(a * F.gelu(g)), atol=1e-6)
-    st = SpatialTransformer(8, 2, context_dim=5, groups=2, positions=True)
+    st = SpatialTransformer(8, 2, context_dim=5, groups=2, positions=4)
     x = torch.randn(2, 8, 4, 4, generator=gen)
     ctx, mask = torch.randn(2, 3, 5, generator=gen), torch.ones(2, 3, dtype=torch.bool)
     assert torch.equal(st(x, ctx, mask), x)  # zero-initialised output projection: the identity
@@ -195,6 +196,9 @@ def test_geglu_and_the_spatial_transformer_start(gen):
     plain = SpatialTransformer(8, 2, context_dim=5, groups=2)
     plain.load_state_dict(st.state_dict())
     assert not torch.allclose(st(x, ctx, mask), plain(x, ctx, mask), atol=1e-4)  # positions tell places apart
+    assert torch.equal(st.pos[0], sincos_pos_embed_2d(8, 4))
+    with pytest.raises(ValueError, match="built for 4"):
+        st(torch.randn(1, 8, 2, 2), ctx[:1], mask[:1])
 
 
 def _text_nets():

@@ -5,9 +5,10 @@ A feature map (B, C, H, W) becomes H·W tokens; one transformer block attends to
 feed-forward (Shazeer 2020), each a pre-LayerNorm residual branch; a zero-initialised output projection makes
 the whole block start as the identity, as LDM's ``SpatialTransformer`` does.
 
-``positions``: add a fixed 2-D sine-cosine embedding (as DiT's) to the image tokens. Convolutions and attention
-are (nearly) translation-equivariant, so without it the block cannot tell *where* a prompt asks for something
-("at the top left"): measured on captioned shapes, a UNet without it places objects at chance (README).
+``positions`` (the feature map's side): add a fixed 2-D sine-cosine embedding (as DiT's) to the image tokens.
+Convolutions and attention are (nearly) translation-equivariant, so without it the block cannot tell *where* a
+prompt asks for something ("at the top left"): measured on captioned shapes, a UNet without it places objects at
+chance (README).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class SpatialTransformer(nn.Module):
     """x + proj_out(Block(proj_in(GroupNorm(x)))) with Block = self-attention, cross-attention to the text,
     GEGLU, each pre-LN and residual."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, positions: bool = False):
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, positions: int = 0):
         super().__init__()
         if positions and channels % 4:
             raise ValueError(f"token positions need a width divisible by 4, got {channels}")
         self.positions = positions
+        if positions:  # a buffer: moved with the module, no host work per call
+            self.register_buffer("pos", sincos_pos_embed_2d(channels, positions)[None], persistent=False)
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(channels) for _ in range(3))
@@ -82,9 +85,9 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         t = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))  # NHWC memory: a free view
         if self.positions:
-            if h != w:
-                raise ValueError(f"token positions need square feature maps, got {h}×{w}")
-            t = t + sincos_pos_embed_2d(c, h).to(t.device, t.dtype)
+            if h != self.positions or w != self.positions:
+                raise ValueError(f"token positions were built for {self.positions}² feature maps, got {h}×{w}")
+            t = t + self.pos.to(t.dtype)
         t = t + self.attn1(self.norm1(t))
         t = t + self.attn2(self.norm2(t), context, key_mask)
         t = t + self.ff(self.norm3(t))

@@ -63,7 +63,7 @@ class UNetBlock(nn.Module):
         scale_shift: bool = False,
         skip_scale: float = math.sqrt(0.5),
         context_dim: int = 0,
-        token_positions: bool = False,
+        positions: int = 0,
     ):
         super().__init__()
         self.up, self.down, self.scale_shift, self.skip_scale = up, down, scale_shift, skip_scale
@@ -77,7 +77,7 @@ class UNetBlock(nn.Module):
         self.num_heads, self.transformer = 0, None
         heads = cout // channels_per_head if channels_per_head else num_heads
         if attention and context_dim:
-            self.transformer = SpatialTransformer(cout, heads, context_dim, _groups(cout), token_positions)
+            self.transformer = SpatialTransformer(cout, heads, context_dim, _groups(cout), positions)
         elif attention:
             self.num_heads = heads
             self.norm2 = _group_norm(cout)
@@ -135,7 +135,7 @@ class UNet(nn.Module):
         noise_scale: float = 1.0,
         context_dim: int = 0,
         pooled_dim: int = 0,
-        token_positions: bool = False,
+        token_positions: bool = False,  # fixed 2-D positions in the spatial transformers (cross_attention.py)
     ):
         super().__init__()
         if img_resolution % (2 ** (len(channel_mult) - 1)):
@@ -147,9 +147,10 @@ class UNet(nn.Module):
         self.label_emb = LabelEmbedding(num_classes, emb) if num_classes > 0 else None
         self.context_dim = context_dim
         self.pooled_emb = nn.Linear(pooled_dim or context_dim, emb) if context_dim else None
-        kw: dict[str, Any] = dict(emb=emb, dropout=dropout, scale_shift=scale_shift,
-                                  channels_per_head=channels_per_head, num_heads=num_heads, context_dim=context_dim,
-                                  token_positions=token_positions)  # fmt: skip
+        kw: dict[str, Any] = dict(
+            emb=emb, dropout=dropout, scale_shift=scale_shift, channels_per_head=channels_per_head,
+            num_heads=num_heads, context_dim=context_dim,
+        )  # fmt: skip
         self.enc = nn.ModuleDict()
         cout = in_channels
         for level, mult in enumerate(channel_mult):
@@ -161,20 +162,23 @@ class UNet(nn.Module):
                 self.enc[f"{res}_down"] = UNetBlock(cout, cout, down=True, **kw)
             for i in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f"{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **kw)
+                self.enc[f"{res}_block{i}"] = UNetBlock(cin, cout, attention=res in attn_resolutions,
+                                                        positions=res * token_positions, **kw)  # fmt: skip
         skips = [m.out_channels if isinstance(m, nn.Conv2d) else m.conv1.out_channels for m in self.enc.values()]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}_in0"] = UNetBlock(cout, cout, attention=True, **kw)
+                self.dec[f"{res}_in0"] = UNetBlock(cout, cout, attention=True, positions=res * token_positions, **kw)
                 self.dec[f"{res}_in1"] = UNetBlock(cout, cout, **kw)
             else:
                 self.dec[f"{res}_up"] = UNetBlock(cout, cout, up=True, **kw)
             for i in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = i == num_blocks and res in attn_resolutions
-                self.dec[f"{res}_block{i}"] = UNetBlock(cin, cout, attention=attn, **kw)
+                self.dec[f"{res}_block{i}"] = UNetBlock(
+                    cin, cout, attention=attn, positions=res * token_positions, **kw
+                )
         self.out_norm = _group_norm(cout)
         self.out_conv = _zero(nn.Conv2d(cout, out_channels, 3, padding=1))
 
