@@ -4,13 +4,25 @@ from typing import Any
 
 from torch import nn
 
+from .autoregressive import MADE, PixelCNN
 from .dit import DiT
 from .layers import GroupNorm, attention, attention_reference
 from .mlp import MLP
 from .mmdit import MMDiT
 from .unet import UNet
 
-__all__ = ["MLP", "DiT", "GroupNorm", "MMDiT", "UNet", "attention", "attention_reference", "build_model"]
+__all__ = [
+    "MADE",
+    "MLP",
+    "DiT",
+    "GroupNorm",
+    "MMDiT",
+    "PixelCNN",
+    "UNet",
+    "attention",
+    "attention_reference",
+    "build_model",
+]
 
 
 def build_model(kind: str, **kwargs: Any) -> nn.Module:
