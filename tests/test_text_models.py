@@ -384,7 +384,8 @@ def test_text_run_refuses_bad_prompts_and_encoders(text_run, encoders, tmp_path,
     assert main([*base, "--prompt", "x", "--text-encoder", str(encoders["clip"])]) == 2  # width 16, trained on 24
     assert "width 16" in capsys.readouterr().err
     assert main([*base, "--prompt", "x", "--text-encoder", str(tmp_path / "gone")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--text-encoder DIR" in err  # a moved encoder: where to say it is now
     assert main(["eval", str(ck), "--out", str(tmp_path / "e"), "--n", "2", "--nfe", "1"]) == 2
     assert "prompt adherence" in capsys.readouterr().err
     assert main(["nll", str(ck), "--n", "2"]) == 2

@@ -145,7 +145,12 @@ def load_text_encoder(
     try:
         enc = TextEncoder.from_folder(cfg.encoder, cfg.max_length, device)  # type: ignore[arg-type]
     except (FileNotFoundError, OSError, ValueError) as e:
-        raise ConfigError(f"text.encoder: {e}") from None
+        hint = (
+            ""
+            if trained is None
+            else " (if the encoder moved: sdeflow sample --text-encoder DIR, or load(text_encoder=))"
+        )
+        raise ConfigError(f"text.encoder: {e}{hint}") from None
     if trained is not None and "text_width" in trained:
         if (enc.width, enc.pooled_width) != (trained["text_width"], trained["text_pooled_width"]):
             raise ConfigError(
