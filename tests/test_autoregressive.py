@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdeflow.models.autoregressive import MADE, discretized_logistic_mixture_log_prob, made_masks
+from sdeflow.sampling.tokens import sample_codes
 
 
 @pytest.mark.parametrize("num_orders", [1, 3])
@@ -121,3 +122,132 @@ def test_pixelcnn_likelihood_is_the_sum_of_its_pixel_mixtures_and_sampling_follo
     assert torch.allclose(s, idx.float() / 127.5 - 1)
     freq = torch.bincount(idx, minlength=256).float() / len(s)
     assert 0.5 * (freq - probs).abs().sum() < 0.05  # total variation
+
+
+# --- drawing tokens: temperature, top-k, top-p, guidance on logits ---------------------------------------------
+
+
+def test_filter_logits_by_hand():
+    from sdeflow.sampling.tokens import filter_logits
+
+    inf = float("inf")
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.equal(filter_logits(logits, top_k=2), torch.tensor([[-inf, 3.0, 2.0, -inf]]))
+    assert torch.equal(filter_logits(logits, top_k=4), logits)
+    # probabilities 0.05, 0.5, 0.3, 0.15 in a shuffled order: the nucleus of mass p is the smallest top set reaching p
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15]])
+    kept = lambda p: torch.isfinite(filter_logits(probs.log(), top_p=p))[0].tolist()  # noqa: E731
+    assert kept(0.8) == [False, True, True, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(0.81) == [False, True, True, True]
+    assert kept(0.4) == [False, True, False, False]  # the most likely token always stays
+    assert kept(1.0) == [True, True, True, True]
+    both = filter_logits(probs.log(), top_k=1, top_p=0.99)
+    assert torch.isfinite(both).sum() == 1
+
+
+def test_guided_logits_and_token_draws_by_hand():
+    from sdeflow.sampling.tokens import draw_tokens, guided_logits
+
+    c, u = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, 0.5]])
+    assert torch.equal(guided_logits(c, u, 1.0), c) and torch.equal(guided_logits(c, u, 0.0), u)
+    assert torch.allclose(guided_logits(c, u, 3.0), torch.tensor([[5.0, -4.0]]))  # u + 3 (c − u)
+    # temperature 0.5 squares the probabilities: p ∝ (0.1, 0.2, 0.3, 0.4)² = (1, 4, 9, 16) / 30
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(40000, 4)
+    tokens = draw_tokens(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(freq, torch.tensor([1.0, 4.0, 9.0, 16.0]) / 30, atol=0.01)
+    top2 = draw_tokens(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(top2, minlength=4).float() / len(top2)
+    assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)  # renormalised over the top 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": 0.0}, "temperature must be a number > 0"),
+        ({"temperature": -1.0}, "temperature must be a number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a number > 0"),
+        ({"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
+        ({"top_k": 0}, "top_k must lie in"),
+        ({"top_k": 9}, r"top_k must lie in \[1, 8\]"),
+    ],
+)
+def test_vq_transformer_refuses_bad_sampling_settings(kwargs, match):
+    from sdeflow.models.vq_transformer import VQTransformer
+
+    net = VQTransformer(8, 4, width=16, depth=1, heads=2)
+    with pytest.raises(ValueError, match=match):
+        sample_codes(net, 2, **kwargs)
+
+
+# --- the VQ-Transformer ------------------------------------------------------------------------------------------
+
+
+def _prior(num_classes=3, vocab=5, seq_len=6):
+    from sdeflow.models.vq_transformer import VQTransformer
+
+    torch.manual_seed(0)
+    net = VQTransformer(vocab, seq_len, num_classes, width=32, depth=2, heads=4).double().eval()
+    with torch.no_grad():  # larger weights than the init's, so that every input visibly moves the logits
+        for p in net.parameters():
+            p.mul_(8.0) if p.ndim > 1 else None
+    return net
+
+
+def test_vq_transformer_is_causal_and_normalised():
+    net = _prior(num_classes=2, vocab=3, seq_len=3)
+    codes = torch.tensor([[0, 1, 2]])
+    base = net(codes[:, :-1], torch.tensor([1]))
+    for j in range(2):  # changing code j moves the logits of codes after j only
+        other = codes.clone()
+        other[0, j] = (other[0, j] + 1) % 3
+        moved = (net(other[:, :-1], torch.tensor([1])) - base).abs().amax(-1)[0]
+        assert torch.all(moved[: j + 1] == 0) and torch.all(moved[j + 1 :] > 1e-6), (j, moved)
+    assert (net(codes[:, :-1], torch.tensor([0])) - base).abs().amax() > 1e-6  # the class is read
+    # exactly normalised: Σ over all 27 sequences of p(s | c) = 1 for each class
+    allc = torch.tensor([[a, b, c] for a in range(3) for b in range(3) for c in range(3)])
+    for label in (0, 1):
+        total = net.log_prob(allc, torch.full((27,), label)).detach().exp().sum()
+        assert abs(float(total) - 1) < 1e-12
+    # log_prob is the sum of the per-code log-softmax terms
+    lp = base.log_softmax(-1)[0]
+    assert torch.allclose(net.log_prob(codes, torch.tensor([1])), lp[[0, 1, 2], [0, 1, 2]].sum()[None])
+
+
+def test_kv_cached_sampling_equals_uncached_token_for_token():
+    net = _prior()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cache = net.step(None, labels, _cache(net, 8))  # the cache's first step equals the full pass's first logits
+    assert torch.allclose(cache, net(torch.zeros(8, 0, dtype=torch.long), labels)[:, 0], atol=1e-12)
+    for kw in ({}, {"temperature": 0.7, "top_k": 3}, {"top_p": 0.8, "cfg_scale": 2.5}):
+        a = sample_codes(net, 8, labels, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
+        b = sample_codes(net, 8, labels, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+        assert a.shape == (8, 6) and torch.equal(a, b), kw
+        assert a.min() >= 0 and a.max() < 5
+
+
+def _cache(net, n):
+    from sdeflow.models.vq_transformer import KVCache
+
+    return KVCache(len(net.blocks), n, net.heads, net.seq_len, net.width // net.heads, net.head.weight)
+
+
+def test_cfg_on_logits_at_scale_one_is_the_conditional_model():
+    net = _prior()
+    labels = torch.tensor([2, 1, 0, 2])
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    guided = sample_codes(net, 4, labels, cfg_scale=1.0, generator=g())
+    assert torch.equal(guided, sample_codes(net, 4, labels, cfg_scale=None, generator=g()))
+    assert not torch.equal(sample_codes(net, 4, labels, cfg_scale=4.0, generator=g()), guided)
+    # the guided draw follows softmax(ℓ_∅ + w (ℓ_c − ℓ_∅)) at the first code: compare with the hand formula
+    w, n = 3.0, 30000
+    lab = torch.full((n,), 1)
+    first = sample_codes(net, n, lab, cfg_scale=w, generator=g(), use_cache=True)[:, 0]
+    start = torch.zeros(1, 0, dtype=torch.long)
+    lc, lu = net(start, torch.tensor([1]))[0, 0], net(start, torch.tensor([-1]))[0, 0]  # -1: the null label
+    want = (lu + w * (lc - lu)).softmax(-1).float()
+    freq = torch.bincount(first, minlength=5).float() / n
+    assert (freq - want).abs().max() < 0.01
+    with pytest.raises(ValueError, match="needs labels"):
+        sample_codes(net, 2, None, cfg_scale=2.0)

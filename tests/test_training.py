@@ -296,6 +296,14 @@ def test_every_shipped_config_trains_two_steps(path, tmp_path):
     if load_config(path).diffusion.autoencoder:  # latent diffusion: a 2-step autoencoder of the same layout
         ae = load_config(ROOT / "configs" / "mnist_ae_kl.yaml", [*over[1:], f"out_dir={tmp_path / 'ae'}", *small_ae])
         over.append(f"diffusion.autoencoder={Trainer(ae, progress=False).fit()['checkpoint']}")
+    ar = load_config(path).autoregressive
+    if load_config(path).objective == "autoregressive":  # sampling draws 784 pixels one by one: a tiny network
+        over += ["autoregressive.channels=8", "autoregressive.blocks=1", "autoregressive.width=32"]
+        if ar.model == "vq_transformer":  # the prior of a 2-step VQ autoencoder of the same layout
+            vq = load_config(
+                ROOT / "configs" / "mnist_vqgan.yaml", [*over[1:9], f"out_dir={tmp_path / 'vq'}", *small_ae]
+            )
+            over.append(f"autoregressive.autoencoder={Trainer(vq, progress=False).fit()['checkpoint']}")
     cfg = load_config(path, over)
     summary = Trainer(cfg, progress=False).fit()
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0

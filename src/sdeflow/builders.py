@@ -23,6 +23,7 @@ from .core.preconditioning import Denoiser
 from .core.process import Process, get_process
 from .models import build_model
 from .models.autoencoder import Autoencoder, AutoencoderKL, VQAutoencoder
+from .models.lora import LoraSpec, add_lora
 from .models.text_encoder import TextEncoder
 
 __all__ = [
@@ -96,6 +97,33 @@ def checkpoint_config(ck: dict[str, Any]) -> tuple[ExperimentConfig, tuple[int, 
         raise CheckpointError(f"{ck['path']}/meta.json lacks {e}: not written by sdeflow's trainer") from None
     except ConfigError as e:
         raise CheckpointError(f"the config stored in {ck['path']}/meta.json is invalid: {e}") from None
+
+
+def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+    """For a fine-tuning run (``finetune.base``): the config with the base run's model, diffusion and text
+    sections, and the base checkpoint (read and verified); else ``(cfg, None)``."""
+    if not cfg.finetune.base:
+        return cfg, None
+    try:
+        ck = load_checkpoint(cfg.finetune.base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (finetune.base)") from None
+    if ck["meta"].get("objective", "diffusion") != "diffusion":
+        raise CheckpointError(f"finetune.base {ck['path']} is not a diffusion model's checkpoint")
+    base_cfg, _ = checkpoint_config(ck)
+    if base_cfg.finetune.method == "lora":
+        raise CheckpointError(
+            f"finetune.base {ck['path']} is itself a LoRA run: fine-tune its base and load both adapters instead"
+        )
+    return replace(cfg, model=base_cfg.model, diffusion=base_cfg.diffusion, text=base_cfg.text), ck
+
+
+def lora_spec(cfg: ExperimentConfig) -> LoraSpec | None:
+    """The adapter a ``finetune.method: lora`` config trains (None for full fine-tuning and plain training)."""
+    f = cfg.finetune
+    if f.method != "lora":
+        return None
+    return LoraSpec(f.lora_rank, f.lora_alpha, f.lora_dropout, list(f.lora_targets))
 
 
 def build_autoencoder(cfg: AutoencoderConfig, data_shape: tuple[int, ...]) -> Autoencoder:
@@ -228,6 +256,9 @@ def load(
         cfg.text = replace(cfg.text, encoder=text_encoder)
     enc = load_text_encoder(cfg.text, device, meta) if cfg.text.encoder else None
     net = build_network(cfg.model, shape, (enc.width, enc.pooled_width) if enc is not None else None)
+    spec = lora_spec(cfg)
+    if spec is not None:  # a LoRA run's checkpoint holds the base and its adapter: the layers must exist first
+        add_lora(net, spec)
     which = "ema" if ema else "model"
     check_finite(ck[which], f"{ck['path']}/{which}.safetensors")
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 import yaml
 
-from .config_objectives import AutoencoderConfig, FlowConfig, GANConfig, validate_objective
+from .config_objectives import (
+    AutoencoderConfig,
+    AutoregressiveConfig,
+    FinetuneConfig,
+    FlowConfig,
+    GANConfig,
+    validate_objective,
+)
 from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
 from .core.preconditioning import PARAMETERIZATIONS
 from .core.process import PROCESSES
@@ -160,7 +167,7 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     out_dir: str = "runs/experiment"
-    objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow
+    objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow, autoregressive
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -170,6 +177,8 @@ class ExperimentConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

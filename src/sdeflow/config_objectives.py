@@ -1,5 +1,6 @@
 """Config sections of the objectives other than diffusion: the autoencoders (KL, VQ, and the plain VAE as a KL
-autoencoder with a Gaussian likelihood), the GAN and the normalizing flow; and their value checks.
+autoencoder with a Gaussian likelihood), the GAN, the normalizing flow and the autoregressive models; and their
+value checks.
 
 ``objective`` at the top level picks what the trainer trains; only the matching section is read.
 """
@@ -12,17 +13,23 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
+    "AR_MODELS",
     "AUTOENCODER_KINDS",
+    "FINETUNE_METHODS",
     "GAN_LOSSES",
     "OBJECTIVES",
     "RECONSTRUCTIONS",
     "AutoencoderConfig",
+    "AutoregressiveConfig",
+    "FinetuneConfig",
     "FlowConfig",
     "GANConfig",
     "validate_objective",
 ]
 
-OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow")
+OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow", "autoregressive")
+AR_MODELS = ("made", "pixelcnn", "vq_transformer")
+FINETUNE_METHODS = ("full", "lora")
 AUTOENCODER_KINDS = ("kl", "vq")
 RECONSTRUCTIONS = ("l1", "l2", "gaussian")  # gaussian: −log N(x; x̂, σ²) with a learned σ (the VAE's ELBO)
 GAN_LOSSES = ("hinge", "non_saturating", "wgan_gp")
@@ -76,6 +83,38 @@ class FlowConfig:
     temperature: float = 1.0  # of the samples the run draws (Glow §5: T < 1 trades diversity for quality)
 
 
+@dataclass
+class AutoregressiveConfig:
+    model: str = "pixelcnn"  # AR_MODELS: made (binarised pixels), pixelcnn (8-bit pixels), vq_transformer (VQ codes)
+    hidden: list[int] = field(default_factory=lambda: [500])  # made
+    num_orders: int = 1  # made: > 1 trains over that many orderings; evaluation averages them
+    channels: int = 64  # pixelcnn
+    blocks: int = 5  # pixelcnn
+    mixtures: int = 5  # pixelcnn: logistics per pixel
+    autoencoder: str | None = None  # vq_transformer: the VQ autoencoder run's checkpoint
+    width: int = 256  # vq_transformer
+    depth: int = 6
+    heads: int = 4
+    dropout: float = 0.0
+    temperature: float = 1.0  # of the samples the run draws (vq_transformer)
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg: float | None = None  # classifier-free guidance on the logits (class-conditional vq_transformer)
+
+
+@dataclass
+class FinetuneConfig:
+    # a diffusion run's checkpoint (step folder) to start from: its model, diffusion and text sections replace
+    # this config's, its EMA weights are the start, and the base's files are never written
+    base: str | None = None
+    method: str = "full"  # FINETUNE_METHODS: full (every weight trains) or lora (only the adapters train)
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    # groups (attention, mlp, conv, ada: sdeflow.models.lora.TARGET_GROUPS) or regular expressions over module names
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+
+
 def _one_of(key: str, value: Any, allowed: Any) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
@@ -125,3 +164,48 @@ def validate_objective(cfg: Any) -> None:
                 raise ConfigError(f"flow.{key} must be >= 1, got {getattr(f, key)}")
         if f.quantization_levels < 2:
             raise ConfigError(f"flow.quantization_levels must be >= 2, got {f.quantization_levels}")
+    elif cfg.objective == "autoregressive":
+        _validate_autoregressive(cfg.autoregressive, cfg)
+    _validate_finetune(cfg.finetune, cfg)
+
+
+def _validate_finetune(f: FinetuneConfig, cfg: Any) -> None:
+    _one_of("finetune.method", f.method, FINETUNE_METHODS)
+    if f.method == "lora" and not f.base:
+        raise ConfigError("finetune.method 'lora' adapts a trained model: set finetune.base (sdeflow train --base RUN)")
+    if f.base and cfg.objective != "diffusion":
+        raise ConfigError(f"finetune.base fine-tunes diffusion models; objective is '{cfg.objective}'")
+    if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
+        raise ConfigError(
+            f"finetune needs lora_rank >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {f.lora_rank}, "
+            f"{f.lora_alpha}, {f.lora_dropout}"
+        )
+    if not f.lora_targets:
+        raise ConfigError("finetune.lora_targets must name at least one group or pattern")
+
+
+def _validate_autoregressive(r: AutoregressiveConfig, cfg: Any) -> None:
+    from .sampling.tokens import check_token_sampling
+
+    _one_of("autoregressive.model", r.model, AR_MODELS)
+    for key in ("num_orders", "channels", "blocks", "mixtures", "width", "depth", "heads"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"autoregressive.{key} must be >= 1, got {getattr(r, key)}")
+    if not r.hidden or min(r.hidden) < 1:
+        raise ConfigError(f"autoregressive.hidden must list positive widths, got {r.hidden}")
+    if r.width % r.heads:
+        raise ConfigError(f"autoregressive.width ({r.width}) must be divisible by autoregressive.heads ({r.heads})")
+    if not 0 <= r.dropout < 1:
+        raise ConfigError(f"autoregressive.dropout must lie in [0, 1), got {r.dropout}")
+    try:
+        check_token_sampling(r.temperature, r.top_k, r.top_p)
+    except ValueError as e:
+        raise ConfigError(f"autoregressive.{e}") from None
+    if r.model == "vq_transformer" and not r.autoencoder:
+        raise ConfigError(
+            "autoregressive.model 'vq_transformer' needs autoregressive.autoencoder (a VQ run's checkpoint)"
+        )
+    if r.model != "vq_transformer" and (cfg.model.num_classes or r.cfg is not None):
+        raise ConfigError(f"autoregressive.model '{r.model}' is unconditional: set model.num_classes = 0 and no cfg")
+    if r.cfg is not None and not cfg.model.num_classes:
+        raise ConfigError("autoregressive.cfg guides a class-conditional prior: it needs model.num_classes > 0")

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from the latest checkpoint of the run (or from the given checkpoint folder)",
     )
     t.add_argument("--out", help="run folder (overrides out_dir)")
+    t.add_argument("--base", help="fine-tune this diffusion checkpoint (sets finetune.base)")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a folder holding a run: it is moved aside")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=commands.train)
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, help="classifier-free guidance weight w")
     s.add_argument("--cfg-interval", type=float_pair, help="apply guidance only for σ in [a, b]: 'a,b'")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--lora", action="append", default=[], metavar="DIR", help="a LoRA adapter folder (repeatable)")
+    s.add_argument("--lora-scale", type=listed(float), help="the adapters' scales, one or one per --lora (default 1)")
     s.add_argument("--device", **on_device)
     _add_speed_options(s)
     s.set_defaults(func=commands.sample)

@@ -24,7 +24,7 @@ def train(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..training import Trainer
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *([f"finetune.base={args.base}"] if args.base else [])])
     if args.out:
         cfg.out_dir = args.out
     trainer = Trainer(cfg, resume=args.resume or False, progress=not args.quiet, overwrite=args.overwrite)
@@ -72,6 +72,7 @@ def sample(args: argparse.Namespace) -> int:
 
     m = load(args.checkpoint, not args.no_ema, args.device, args.text_encoder)
     den, r, shape, cfg = m.denoiser, m.recipe, m.data_shape, m.config
+    _add_adapters(args, den.net)
     prompts = _prompts(args, m)
     args.n = args.n or (len(prompts) if prompts else 64)
     cond, null, labels = _condition(args, m, prompts)
@@ -109,6 +110,26 @@ def sample(args: argparse.Namespace) -> int:
         save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
     print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(time.time() - t0, 2)}))
     return 0
+
+
+def _add_adapters(args: argparse.Namespace, net) -> None:
+    """``--lora DIR`` (repeatable) with ``--lora-scale``: adapters loaded onto the base, their updates summed."""
+    if not args.lora:
+        if args.lora_scale:
+            raise UsageError("--lora-scale scales the adapters of --lora DIR: give at least one")
+        return
+    from ..models.lora import activate_lora, active_lora, load_lora
+
+    scales = args.lora_scale or [1.0]
+    if len(scales) not in (1, len(args.lora)):
+        raise UsageError(f"--lora-scale gives {len(scales)} scales for {len(args.lora)} adapters: give one or one each")
+    names = [f"adapter{i}" for i in range(len(args.lora))]
+    trained = active_lora(net)  # a LoRA run's own adapter keeps acting
+    for name, folder, scale in zip(names, args.lora, scales * len(args.lora) if len(scales) == 1 else scales):
+        if not Path(folder).is_dir():
+            raise UsageError(f"--lora {folder}: no such folder")
+        load_lora(net, folder, name, scale)
+    activate_lora(net, [*trained, *names])
 
 
 def _prompts(args: argparse.Namespace, m) -> list[str]:
@@ -260,10 +281,13 @@ def _evaluate_generator(args: argparse.Namespace) -> int:
 def nll(args: argparse.Namespace) -> int:
     import math
 
+    from ..checkpoint import load_checkpoint
     from ..config import DataConfig
     from ..data import build_dataset
     from ..sampling.likelihood import bits_per_dim, dequantize, log_likelihood
 
+    if load_checkpoint(args.checkpoint)["meta"].get("objective", "diffusion") != "diffusion":
+        return _exact_nll(args)
     den, r, shape, _num_classes, cfg = load_model_from_checkpoint(args.checkpoint, not args.no_ema, args.device)
     if cfg.text.encoder:
         raise UsageError(TEXT_MODEL.format(what="sdeflow nll measures the likelihood of"))
@@ -295,5 +319,24 @@ def nll(args: argparse.Namespace) -> int:
     if args.levels:
         bpd = bits_per_dim(lp, dims, args.levels)
         out.update(bits_per_dim=float(bpd.mean()), bits_per_dim_se=float(bpd.std() / math.sqrt(len(bpd))))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _exact_nll(args: argparse.Namespace) -> int:
+    """``sdeflow nll`` of the other families: their own ``evaluate`` (flow and autoregressive models: the exact
+    likelihood; the VAE: its ELBO)."""
+    from ..config import DataConfig
+    from ..data import build_dataset
+    from ..training.objectives import load_objective
+
+    objective, cfg = load_objective(args.checkpoint, not args.no_ema, args.device)
+    if not hasattr(objective, "evaluate"):
+        raise UsageError(f"{args.checkpoint} is a '{cfg.objective}' checkpoint, which has no likelihood to measure")
+    ds = build_dataset(DataConfig(**{**cfg.data.__dict__, "split": args.split}), cfg.seed)
+    x = ds.x[: args.n].to(args.device)
+    labels = ds.y[: args.n].to(args.device) if cfg.model.num_classes else None
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    out = objective.evaluate(x, labels, g)
     print(json.dumps(out, indent=1))
     return 0

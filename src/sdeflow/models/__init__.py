@@ -10,6 +10,7 @@ from .layers import GroupNorm, attention, attention_reference
 from .mlp import MLP
 from .mmdit import MMDiT
 from .unet import UNet
+from .vq_transformer import VQTransformer
 
 __all__ = [
     "MADE",
@@ -19,6 +20,7 @@ __all__ = [
     "MMDiT",
     "PixelCNN",
     "UNet",
+    "VQTransformer",
     "attention",
     "attention_reference",
     "build_model",

@@ -298,6 +298,18 @@ class VQAutoencoder(Autoencoder):
     def decode(self, z: Tensor) -> Tensor:
         return self.decode_quantized(self.quantizer(z, update=False).quantized)
 
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.num_codes
+
+    def codes(self, x: Tensor) -> Tensor:
+        """The (B, H, W) code indices of images x: what VQGAN's second stage models (Esser et al. 2021, §3.2)."""
+        return self.quantizer(self.moments(x), update=False).codes
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Images from (B, H, W) code indices."""
+        return self.decode_quantized(self.quantizer.embed(codes).to(self.post_quant_conv.weight.dtype))
+
     def forward(self, x: Tensor, generator: torch.Generator | None = None, update: bool = True) -> AutoencoderOutput:
         """``update``: let a training-mode pass move the EMA codebook (off for the discriminator's pass)."""
         moments = self.moments(x)

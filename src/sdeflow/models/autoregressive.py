@@ -10,8 +10,8 @@
 - :class:`PixelCNN`: a single-resolution PixelCNN++ (Salimans et al. 2017): shifted causal convolutions in a
   vertical and a horizontal stack (no blind spot), gated residual blocks, the mixture above per pixel.
 
-Status: the building blocks of the autoregressive baselines (tested); the VQ-Transformer prior, the objectives
-that train these models through the loop and their benchmark are not written yet.
+VQGAN's second stage, a Transformer over VQ codes, is :mod:`sdeflow.models.vq_transformer`; the objective that
+trains all three through the loop is :mod:`sdeflow.training.autoregressive`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MADE", "MaskedLinear", "PixelCNN", "discretized_logistic_mixture_log_prob", "made_masks"]
+__all__ = ["MADE", "MaskedLinear", "PixelCNN", "at_least_fp32", "discretized_logistic_mixture_log_prob", "made_masks"]
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it is already: likelihoods summed over many terms need the precision."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class MaskedLinear(nn.Linear):
@@ -75,20 +80,22 @@ class MADE(nn.Module):
         rng = np.random.default_rng(seed)
         self.orders = [np.arange(1, dim + 1)] + [rng.permutation(dim) + 1 for _ in range(num_orders - 1)]
         self._masks = [made_masks(o, self.hidden, rng) for o in self.orders]
-        self.current = -1
+        # a buffer, so that an EMA copy (buffers copied) and a checkpoint keep the ordering of the masks they hold
+        self.register_buffer("current", torch.tensor(-1))
         self.next_order()
 
     def next_order(self) -> int:
         """Switch to the next ordering (order-agnostic training); returns its index."""
-        self.current = (self.current + 1) % len(self.orders)
-        for layer, mask in zip(self.layers, self._masks[self.current]):
+        k = (int(self.current) + 1) % len(self.orders)
+        self.current.fill_(k)
+        for layer, mask in zip(self.layers, self._masks[k]):
             layer.set_mask(mask)
-        return self.current
+        return k
 
     @property
     def order(self) -> np.ndarray:
         """order[d]: the position (1..D) of input d in the current ordering."""
-        return self.orders[self.current]
+        return self.orders[int(self.current)]
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.flatten(1)
@@ -96,10 +103,14 @@ class MADE(nn.Module):
             h = F.relu(layer(h))
         return self.layers[-1](h).view_as(x)
 
+    @staticmethod
+    def log_prob_of(logits: Tensor, x: Tensor) -> Tensor:
+        """log p(x) = Σ_d log Bernoulli(x_d; σ(logit_d)) of binary x, per sample (nats), from the logits."""
+        nll = F.binary_cross_entropy_with_logits(at_least_fp32(logits), at_least_fp32(x), reduction="none")
+        return -nll.flatten(1).sum(1)
+
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) = Σ_d log Bernoulli(x_d; σ(logit_d)) of binary x, per sample (nats)."""
-        logits = self(x)
-        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        return self.log_prob_of(self(x), x)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
@@ -210,13 +221,15 @@ class PixelCNN(nn.Module):
         logit_pi, mean, log_scale = self.out(F.elu(ul)).chunk(3, 1)
         return logit_pi, torch.tanh(mean), log_scale.clamp(min=-7.0)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) in nats per image, x on the 256 levels of [−1, 1]."""
-        logit_pi, mean, log_scale = self(x)
-        lp = discretized_logistic_mixture_log_prob(
-            x[:, 0], logit_pi.movedim(1, -1), mean.movedim(1, -1), log_scale.movedim(1, -1)
-        )
+    @staticmethod
+    def log_prob_of(params: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
+        """log p(x) in nats per image, x on the 256 levels of [−1, 1], from the mixture parameters."""
+        logit_pi, mean, log_scale = (at_least_fp32(t).movedim(1, -1) for t in params)
+        lp = discretized_logistic_mixture_log_prob(at_least_fp32(x[:, 0]), logit_pi, mean, log_scale)
         return lp.flatten(1).sum(1)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.log_prob_of(self(x), x)
 
     @torch.no_grad()
     def sample(self, n: int, size: int, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:

@@ -61,6 +61,10 @@ class VectorQuantizer(nn.Module):
         e = self._norm(self.codebook)
         return torch.argmin(e.square().sum(1) - 2 * flat @ e.T, dim=1)
 
+    def embed(self, codes: Tensor) -> Tensor:
+        """The (B, D, H, W) code vectors of (B, H, W) indices."""
+        return self._norm(self.codebook)[codes].permute(0, 3, 1, 2)
+
     def forward(self, z: Tensor, generator: torch.Generator | None = None, update: bool = True) -> Quantized:
         """Quantise ``z``; in training mode (and ``update``) also take one EMA step of the codebook."""
         b, d, h, w = z.shape

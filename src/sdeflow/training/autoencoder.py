@@ -172,7 +172,9 @@ class AutoencoderObjective(Objective):
         return out, None
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, x: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
         """PSNR of reconstructions (posterior means), codebook use, scaling factor; the VAE's ELBO in bits/dim."""
         ae = self.sampling_autoencoder()
         m = ae.moments(x)

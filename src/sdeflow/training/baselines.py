@@ -139,8 +139,10 @@ class FlowObjective(Objective):
         return out, None
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Any]:
-        """Exact bits/dim of ``x`` (one uniform dequantisation drawn from ``generator``)."""
+    def evaluate(
+        self, x: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Exact bits/dim of ``x`` (one uniform dequantisation drawn from ``generator``); ``labels`` unused."""
         g = generator or torch.Generator(x.device).manual_seed(0)
         noise = torch.rand(x.shape, generator=g, device=x.device)
         bpd = self.bits_per_dim(self.sampling_flow(), x, noise)

@@ -7,16 +7,20 @@ captions (``train.label_dropout``) become the empty prompt, which classifier-fre
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..builders import build_denoiser, build_network, build_recipe, load_text_encoder
+from ..builders import build_denoiser, build_network, build_recipe, load_text_encoder, lora_spec, resolve_base
+from ..checkpoint import check_finite, load_weights
 from ..config import ConfigError, ExperimentConfig
 from ..core.condition import TextCondition
 from ..core.losses import Recipe, denoising_loss
 from ..core.preconditioning import Denoiser
 from ..models.autoencoder import Autoencoder, AutoencoderKL
+from ..models.lora import add_lora, architecture_fingerprint, save_lora
 from ..models.text_encoder import CaptionTable, TextEncoder
 from ..sampling import sample
 from .ema import EMA
@@ -86,7 +90,34 @@ class DiffusionObjective(Objective):
             encoder = load_text_encoder(cfg.text, device)
         widths = (encoder.width, encoder.pooled_width) if encoder is not None else None
         net = build_network(cfg.model, data_shape, widths)
-        return cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached, encoder, captions)
+        obj = cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached, encoder, captions)
+        if cfg.finetune.base:
+            obj.start_from_base(data_shape)
+        return obj
+
+    def start_from_base(self, data_shape: tuple[int, ...]) -> None:
+        """Fine-tuning: the base run's EMA (else raw) weights, then, for LoRA, adapters on the frozen base."""
+        cfg, ck = resolve_base(self.cfg)
+        assert ck is not None
+        if tuple(ck["meta"]["data_shape"]) != tuple(data_shape):
+            raise ConfigError(
+                f"finetune.base {ck['path']} was trained on data of shape {tuple(ck['meta']['data_shape'])}, this "
+                f"run's data '{cfg.data.name}' has shape {tuple(data_shape)}"
+            )
+        which = "ema" if ck.get("ema") else "model"
+        source = f"{ck['path']}/{which}.safetensors"
+        check_finite(ck[which], source)
+        load_weights(self.net, ck[which], source)
+        self._base_meta = {"base": str(ck["path"]), "base_architecture": architecture_fingerprint(self.net)}
+        spec = lora_spec(cfg)
+        if spec is not None:
+            try:
+                add_lora(self.net, spec)
+            except ValueError as e:
+                raise ConfigError(f"finetune: {e}") from None
+        if self.ema is not None:  # the average starts at the base (and holds the adapters' layers)
+            e = cfg.train.ema
+            self.ema = EMA(self.net, e.kind, e.decay, e.std, e.start_step)
 
     def condition(self, labels: Tensor | None, batch: int) -> Tensor | TextCondition | None:
         """The network's condition for batch labels: class labels as they are, caption indices encoded."""
@@ -109,10 +140,22 @@ class DiffusionObjective(Objective):
         return self
 
     def meta(self) -> dict:
-        return {**(self._ae_meta if self.autoencoder is not None else {}), **self._text_meta}
+        return {**(self._ae_meta if self.autoencoder is not None else {}), **self._text_meta,
+                **getattr(self, "_base_meta", {})}  # fmt: skip
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
-        return list(self.net.parameters())
+        """Every weight of the network; with LoRA only the adapters' (the base is frozen)."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def report(self, out: Path, x: Tensor) -> dict[str, Any]:
+        """A LoRA run writes its adapter alone (EMA weights) to ``out/adapter``: safetensors + adapter.json."""
+        spec = lora_spec(self.cfg)
+        if spec is None:
+            return {}
+        net = self.ema.model if self.ema is not None else self.net
+        folder = save_lora(net, out / "adapter", spec, base_fingerprint=self._base_meta["base_architecture"])
+        return {"adapter": str(folder), "adapter_bytes": (folder / "adapter.safetensors").stat().st_size,
+                "trainable_parameters": sum(p.numel() for p in self.parameters_for("model"))}  # fmt: skip
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         # a plain attribute, not a submodule: the wrapped forward must not enter state dicts or .to() twice

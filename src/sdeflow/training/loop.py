@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..builders import resolve_base
 from ..checkpoint import find_latest, load_checkpoint
 from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
@@ -91,6 +92,7 @@ class Trainer:
         objective: Objective | None = None,
         overwrite: bool = False,
     ):
+        cfg = resolve_base(cfg)[0]  # fine-tuning: the base run's model, diffusion and text sections
         self.cfg, self.progress, self.stop_after = cfg, progress, stop_after
         t = cfg.train
         self.runtime = rt = Runtime.start(t)

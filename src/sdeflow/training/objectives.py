@@ -12,6 +12,7 @@ from ..checkpoint import check_finite, load_checkpoint, load_weights
 from ..config import ExperimentConfig
 from ..models.autoencoder import Autoencoder
 from .autoencoder import AutoencoderObjective
+from .autoregressive import AutoregressiveObjective
 from .baselines import FlowObjective, GANObjective
 from .diffusion import DiffusionObjective
 from .objective import Objective
@@ -23,6 +24,7 @@ OBJECTIVE_CLASSES: dict[str, type[Objective]] = {
     "autoencoder": AutoencoderObjective,
     "gan": GANObjective,
     "flow": FlowObjective,
+    "autoregressive": AutoregressiveObjective,
 }
 
 
@@ -44,12 +46,14 @@ def load_objective(
     path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[Objective, ExperimentConfig]:
     """The objective of a checkpoint with its trained weights (the EMA copy drawn from when ``ema``), in eval mode:
-    how ``sdeflow eval`` samples a GAN, VAE or flow."""
+    how ``sdeflow eval`` samples a GAN, VAE, flow or autoregressive model."""
     ck = load_checkpoint(path)
     cfg, shape = checkpoint_config(ck)
     if cfg.objective == "autoencoder":  # the perceptual network only matters for training
         cfg.autoencoder = dataclasses.replace(cfg.autoencoder, perceptual_weight=0.0)
     objective = build_objective(cfg, shape)
+    if isinstance(objective, AutoregressiveObjective):
+        objective.check_trained(ck["meta"], str(ck["path"]))
     model, averaged = objective.saved_modules()
     for name, module in (("model", model), ("ema", averaged)):
         if module is not None:
