@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sdeflow.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
 from sdeflow.cli import main as cli_main
@@ -273,6 +274,12 @@ def test_configs_exist():
     assert any(n.startswith("cifar10_") for n in names)
 
 
+FINETUNE_BASES = {  # a fine-tuning config: (the config of its base, overrides)
+    "shapes_controlnet": ("shapes_unet.yaml", ["data.num_samples=64"]),
+    "mnist_lora": ("mnist_edm.yaml", ["model.num_classes=0", "train.label_dropout=0"]),
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_trains_two_steps(path, tmp_path):
     over = [
@@ -288,16 +295,24 @@ def test_every_shipped_config_trains_two_steps(path, tmp_path):
     ]
     if "cifar10" in path.stem:
         over.append(f"data.path={_fake_cifar(tmp_path / 'cifar')}")
-    if load_config(path).data.name == "shapes":  # the real text encoder, a few captions
+    method = (yaml.safe_load(path.read_text()).get("finetune") or {}).get("method")
+    if method in ("lora", "controlnet"):  # fine-tuning: a 2-step base of the config the comment names
+        base_cfg, base_over = FINETUNE_BASES[path.stem]
+        base = load_config(ROOT / "configs" / base_cfg, [*over[1:], f"out_dir={tmp_path / 'base'}", *base_over])
+        base.train.ckpt_every = 2
+        Trainer(base, progress=False).fit()
+        over.append(f"finetune.base={find_latest(tmp_path / 'base' / 'checkpoints')}")
+    cfg0 = load_config(path, over[-1:] if method in ("lora", "controlnet") else [])
+    if cfg0.data.name == "shapes":  # the real text encoder, a few captions
         over.append("data.num_samples=64")
     small_ae = ["autoencoder.disc_start=1", "autoencoder.perceptual_weight=0"]
-    if load_config(path).objective == "autoencoder":
+    if cfg0.objective == "autoencoder":
         over += small_ae
-    if load_config(path).diffusion.autoencoder:  # latent diffusion: a 2-step autoencoder of the same layout
+    if cfg0.diffusion.autoencoder:  # latent diffusion: a 2-step autoencoder of the same layout
         ae = load_config(ROOT / "configs" / "mnist_ae_kl.yaml", [*over[1:], f"out_dir={tmp_path / 'ae'}", *small_ae])
         over.append(f"diffusion.autoencoder={Trainer(ae, progress=False).fit()['checkpoint']}")
-    ar = load_config(path).autoregressive
-    if load_config(path).objective == "autoregressive":  # sampling draws 784 pixels one by one: a tiny network
+    ar = cfg0.autoregressive
+    if cfg0.objective == "autoregressive":  # sampling draws 784 pixels one by one: a tiny network
         over += ["autoregressive.channels=8", "autoregressive.blocks=1", "autoregressive.width=32"]
         if ar.model == "vq_transformer":  # the prior of a 2-step VQ autoencoder of the same layout
             vq = load_config(

@@ -23,8 +23,11 @@ from .core.preconditioning import Denoiser
 from .core.process import Process, get_process
 from .models import build_model
 from .models.autoencoder import Autoencoder, AutoencoderKL, VQAutoencoder
+from .models.controlnet import ControlledNet, ControlNet, DiTControlNet
+from .models.dit import DiT
 from .models.lora import LoraSpec, add_lora
 from .models.text_encoder import TextEncoder
+from .models.unet import UNet
 
 __all__ = [
     "LoadedModel",
@@ -116,6 +119,25 @@ def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
             f"finetune.base {ck['path']} is itself a LoRA run: fine-tune its base and load both adapters instead"
         )
     return replace(cfg, model=base_cfg.model, diffusion=base_cfg.diffusion, text=base_cfg.text), ck
+
+
+def controlled(cfg: ExperimentConfig, net: nn.Module) -> nn.Module:
+    """A ``finetune.method: controlnet`` run's network: the base under one ControlNet (else ``net`` as it is)."""
+    if cfg.finetune.method != "controlnet":
+        return net
+    if cfg.diffusion.autoencoder:
+        raise ConfigError("finetune.method 'controlnet' works in pixel space; the base is a latent diffusion model")
+    from .data.control import control_channels
+
+    channels = control_channels(cfg.finetune.control)
+    if isinstance(net, UNet):
+        return ControlledNet(net, [ControlNet(net, channels)])
+    if type(net) is DiT:
+        try:
+            return ControlledNet(net, [DiTControlNet(net, channels, cfg.finetune.control_blocks)])
+        except ValueError as e:
+            raise ConfigError(f"finetune.control_blocks: {e}") from None
+    raise ConfigError(f"finetune.method 'controlnet' controls a UNet or a DiT; the base is a '{cfg.model.kind}'")
 
 
 def lora_spec(cfg: ExperimentConfig) -> LoraSpec | None:
@@ -259,6 +281,7 @@ def load(
     spec = lora_spec(cfg)
     if spec is not None:  # a LoRA run's checkpoint holds the base and its adapter: the layers must exist first
         add_lora(net, spec)
+    net = controlled(cfg, net)
     which = "ema" if ema else "model"
     check_finite(ck[which], f"{ck['path']}/{which}.safetensors")
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")

@@ -77,6 +77,7 @@ class DataConfig:
     split: str = "train"
     on_error: str = "skip"  # ON_ERROR: image folders skip or refuse unreadable files
     horizontal_flip: bool = False
+    classes: list[int] | None = None  # keep only the images of these labels (labelled in-memory datasets)
 
 
 @dataclass

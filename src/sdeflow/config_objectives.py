@@ -29,7 +29,8 @@ __all__ = [
 
 OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow", "autoregressive")
 AR_MODELS = ("made", "pixelcnn", "vq_transformer")
-FINETUNE_METHODS = ("full", "lora")
+FINETUNE_METHODS = ("full", "lora", "controlnet")
+CONTROL_KINDS = ("mask", "edges", "centers")  # sdeflow.data.control
 AUTOENCODER_KINDS = ("kl", "vq")
 RECONSTRUCTIONS = ("l1", "l2", "gaussian")  # gaussian: −log N(x; x̂, σ²) with a learned σ (the VAE's ELBO)
 GAN_LOSSES = ("hinge", "non_saturating", "wgan_gp")
@@ -107,12 +108,16 @@ class FinetuneConfig:
     # a diffusion run's checkpoint (step folder) to start from: its model, diffusion and text sections replace
     # this config's, its EMA weights are the start, and the base's files are never written
     base: str | None = None
-    method: str = "full"  # FINETUNE_METHODS: full (every weight trains) or lora (only the adapters train)
+    # FINETUNE_METHODS: full (every weight trains), lora (only the adapters train) or controlnet (a trainable copy
+    # of a UNet's encoder reads control maps computed from each training image; the base stays frozen)
+    method: str = "full"
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     # groups (attention, mlp, conv, ada: sdeflow.models.lora.TARGET_GROUPS) or regular expressions over module names
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+    control: str = "mask"  # controlnet: CONTROL_KINDS, the map computed from each image
+    control_blocks: int = 0  # controlnet on a DiT: blocks copied (0: half the depth)
 
 
 def _one_of(key: str, value: Any, allowed: Any) -> None:
@@ -171,8 +176,11 @@ def validate_objective(cfg: Any) -> None:
 
 def _validate_finetune(f: FinetuneConfig, cfg: Any) -> None:
     _one_of("finetune.method", f.method, FINETUNE_METHODS)
-    if f.method == "lora" and not f.base:
-        raise ConfigError("finetune.method 'lora' adapts a trained model: set finetune.base (sdeflow train --base RUN)")
+    if f.method in ("lora", "controlnet") and not f.base:
+        raise ConfigError(
+            f"finetune.method '{f.method}' adapts a trained model: set finetune.base (sdeflow train --base RUN)"
+        )
+    _one_of("finetune.control", f.control, CONTROL_KINDS)
     if f.base and cfg.objective != "diffusion":
         raise ConfigError(f"finetune.base fine-tunes diffusion models; objective is '{cfg.objective}'")
     if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.condition import ControlCondition
 from ..errors import UsageError
 
 __all__ = ["demo", "evaluate", "load_model_from_checkpoint", "nll", "sample", "train"]
@@ -76,11 +77,18 @@ def sample(args: argparse.Namespace) -> int:
     prompts = _prompts(args, m)
     args.n = args.n or (len(prompts) if prompts else 64)
     cond, null, labels = _condition(args, m, prompts)
+    cond = _control(args, den.net, cond, shape)
     model = den
     if args.cfg is not None:
         from ..sampling.guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(den, args.cfg, args.cfg_interval, null=null)
+    if args.control_interval is not None:
+        if not args.control:
+            raise UsageError("--control-interval sets where --control acts: give --control PATH")
+        from ..sampling.guidance import ControlInterval
+
+        model = ControlInterval(model, args.control_interval)
     model = _accelerated(model, den, args)
     t0 = time.time()
     res = sample(
@@ -110,6 +118,27 @@ def sample(args: argparse.Namespace) -> int:
         save_image_grid(x, out / "samples.png", nrow=int(np.ceil(np.sqrt(args.n))), upscale=max(1, 64 // shape[-1]))
     print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(time.time() - t0, 2)}))
     return 0
+
+
+def _control(args: argparse.Namespace, net, cond, shape: tuple[int, ...]):
+    """``--control PATH``: the control images (cycled over the samples) in a ControlCondition around ``cond``."""
+    from ..models.controlnet import ControlledNet
+
+    if not isinstance(net, ControlledNet):
+        if args.control:
+            raise UsageError(f"--control needs a ControlNet run; {args.checkpoint} has no ControlNet")
+        return cond
+    if not args.control:
+        raise UsageError(f"{args.checkpoint} is a ControlNet run: give its control image(s) with --control PATH")
+    from ..data.control import load_control_images
+
+    try:
+        images = load_control_images(args.control, shape[-1], net.controlnets[0].control_channels)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--control: {e}") from None
+    net.scales = [args.control_scale]
+    images = images[torch.arange(args.n) % len(images)].to(args.device)
+    return ControlCondition(cond, (images,))
 
 
 def _add_adapters(args: argparse.Namespace, net) -> None:

@@ -8,11 +8,12 @@ classifier-free guidance is written once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["NULL_LABEL", "TextCondition", "cat_conditions", "check_text", "null_condition"]
+__all__ = ["NULL_LABEL", "ControlCondition", "TextCondition", "cat_conditions", "check_text", "null_condition"]
 
 NULL_LABEL = -1  # the "no label" of class-conditional models (classifier-free guidance, label dropout)
 
@@ -93,8 +94,23 @@ class TextCondition:
         )
 
 
-def cat_conditions(a: Tensor | TextCondition, b: Tensor | TextCondition) -> Tensor | TextCondition:
+@dataclass
+class ControlCondition:
+    """A network's own condition ``cond`` (labels, text or None) and the control images of its ControlNets
+    (one (B, C, H, W) tensor each). Guidance keeps the control images in both branches: only ``cond`` has a null."""
+
+    cond: Tensor | TextCondition | None
+    images: tuple[Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.images[0])
+
+
+def cat_conditions(a: Any, b: Any) -> Any:
     """The rows of ``a`` then those of ``b``, for one batched network call."""
+    if isinstance(a, ControlCondition) and isinstance(b, ControlCondition):
+        inner = None if a.cond is None else cat_conditions(a.cond, b.cond)
+        return ControlCondition(inner, tuple(torch.cat([p, q]) for p, q in zip(a.images, b.images, strict=True)))
     if isinstance(a, TextCondition) and isinstance(b, TextCondition):
         return TextCondition.cat([a, b])
     if isinstance(a, Tensor) and isinstance(b, Tensor):
@@ -102,10 +118,14 @@ def cat_conditions(a: Tensor | TextCondition, b: Tensor | TextCondition) -> Tens
     raise TypeError(f"cannot batch a {type(a).__name__} condition with a {type(b).__name__} one")
 
 
-def null_condition(cond: Tensor | TextCondition, null: Tensor | TextCondition | None, batch: int):
+def null_condition(cond: Any, null: Tensor | TextCondition | None, batch: int):
     """The "no condition" for a batch conditioned on ``cond``: ``null`` (one row or ``batch`` rows) when given,
     else the null label for class labels. Text has no intrinsic null: pass the encoded empty (or negative)
-    prompt."""
+    prompt. A control condition keeps its images."""
+    if isinstance(cond, ControlCondition):
+        if cond.cond is None:
+            raise ValueError("classifier-free guidance needs a conditional model; this one takes control images only")
+        return ControlCondition(null_condition(cond.cond, null, batch), cond.images)
     if null is not None:
         if isinstance(null, TextCondition):
             return null.expand(batch)

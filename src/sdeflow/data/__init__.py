@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
@@ -89,6 +90,9 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError(f"data.split must be one of {list(SHAPE_SPLITS)} for 'shapes', got {cfg.split!r}")
     if cfg.name == "shapes" and cfg.horizontal_flip:
         raise ConfigError("data.horizontal_flip would contradict the captions of 'shapes' (left / right)")
+    if cfg.classes is not None and (cfg.name not in ("digits", "mnist", "cifar10", "cifar100", "mnist_idx",
+                                                     "fashion_mnist_idx", "npz") or not cfg.classes):  # fmt: skip
+        raise ConfigError(f"data.classes selects labels of a labelled image dataset, not of '{cfg.name}'")
     if cfg.name == "shapes" and (cfg.resolution or 32) < 16:
         raise ConfigError(f"data.resolution must be at least 16 for 'shapes', got {cfg.resolution}")
 
@@ -122,4 +126,14 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     else:
         raise ValueError(f"unknown dataset '{name}' (data.name); choose one of {DATASETS}")
     ds.horizontal_flip = cfg.horizontal_flip
-    return ds
+    return select_classes(ds, cfg.classes) if cfg.classes is not None else ds
+
+
+def select_classes(ds: ArrayImageDataset, classes: list[int]) -> ArrayImageDataset:
+    """The images of ``ds`` whose label is in ``classes``, labels kept (a fine-tuning set of one new class)."""
+    keep = torch.isin(ds.y, torch.tensor(classes))
+    if not keep.any():
+        raise ConfigError(f"data.classes {classes}: the dataset has no images of these labels (0…{ds.num_classes - 1})")
+    out = ArrayImageDataset(ds.x[keep], ds.y[keep], ds.horizontal_flip)
+    out.num_classes = ds.num_classes  # a class-conditional model keeps the whole label range
+    return out

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.captions import COLORS, POSITIONS, SHAPES, CaptionSpec, ObjectSpec, parse_caption
+from ..data.control import color_segmentation
 from ..data.shapes import CELL_CENTERS, ShapesDataset
 
 __all__ = ["ATTRIBUTES", "Detected", "adherence", "detect_objects", "score_caption", "shape_classifier"]
 
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
-SATURATION = 0.4
 MIN_PIXELS_FRACTION = 0.004  # components smaller than this share of the image are specks, not objects
 SIZE_THRESHOLD = 0.24
 RELATION_MARGIN = 0.1
@@ -126,19 +126,15 @@ def detect_objects(images: Tensor, classifier: nn.Module | None = None) -> list[
     from scipy import ndimage
 
     classifier = classifier or shape_classifier()
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-    palette = np.asarray(list(COLORS.values()), np.float32)
     names = list(COLORS)
-    res = x.shape[1]
+    res = images.shape[-1]
     min_pixels = max(2, int(MIN_PIXELS_FRACTION * res * res))
     found: list[list[tuple]] = []
     crops = []
-    for img in x:
-        coloured = img.max(-1) - img.min(-1) > SATURATION
-        nearest = ((img[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1)
+    for seg in color_segmentation(images).cpu().numpy():
         objs = []
         for ci, name in enumerate(names):
-            comp, n = ndimage.label(coloured & (nearest == ci), structure=np.ones((3, 3)))
+            comp, n = ndimage.label(seg == ci, structure=np.ones((3, 3)))
             for k in range(1, n + 1):
                 m = comp == k
                 if m.sum() < min_pixels:

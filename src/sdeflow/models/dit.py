@@ -130,12 +130,19 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, residuals: tuple[list[Tensor], None] | None = None
+    ) -> Tensor:
+        """``residuals``: a ControlNet's, one per leading block, added to the hidden states after that block (the
+        ControlNet-Transformer of PixArt-δ, Chen et al. 2024, §3)."""
         h, c = self.embed(x, c_noise)
         if self.y_emb is not None:
             c = c + self.y_emb(cond, len(x), x.device)
-        for blk in self.blocks:
+        extra = residuals[0] if residuals is not None else []
+        for i, blk in enumerate(self.blocks):
             h = blk(h, c)
+            if i < len(extra):
+                h = h + extra[i]
         return self.unpatchify(h, c)
 
     def embed(self, x: Tensor, c_noise: Tensor) -> tuple[Tensor, Tensor]:

@@ -182,7 +182,8 @@ class UNet(nn.Module):
         self.out_norm = _group_norm(cout)
         self.out_conv = _zero(nn.Conv2d(cout, out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+    def embed(self, x: Tensor, c_noise: Tensor, cond: Any = None) -> tuple[Tensor, TextCondition | None]:
+        """SiLU(noise + label or pooled-prompt embedding), and the text condition checked against the network."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
         emb = self.noise_emb(c_noise)
@@ -191,15 +192,41 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(cond, len(x), x.device)
         if text is not None:
             emb = emb + self.pooled_emb(text.pooled.to(emb.dtype))  # type: ignore[misc]
-        emb = F.silu(emb)
+        return F.silu(emb), text
+
+    def encode(self, x: Tensor, emb: Tensor, text: TextCondition | None, hint: Tensor | None = None) -> list[Tensor]:
+        """The encoder's outputs, one per skip connection (the last feeds the middle blocks); ``hint`` (a
+        ControlNet's encoded control image) is added after the first convolution."""
         skips = []
         for m in self.enc.values():
             x = m(x) if isinstance(m, nn.Conv2d) else m(x, emb, text)
+            if hint is not None and not skips:
+                x = x + hint
             skips.append(x)
+        return skips
+
+    @property
+    def middle(self) -> list[str]:
+        """The names of the middle blocks (the decoder's first two, at the lowest resolution)."""
+        return [n for n in self.dec if n.endswith(("_in0", "_in1"))]
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, cond: Any = None, residuals: tuple[list[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """``residuals``: a ControlNet's (one per skip connection, one after the middle blocks), added as in Zhang
+        et al. 2023, Fig. 3."""
+        emb, text = self.embed(x, c_noise, cond)
+        skips = self.encode(x, emb, text)
+        x = skips[-1]
+        if residuals is not None:
+            skips = [s + r for s, r in zip(skips, residuals[0], strict=True)]
+        last_middle = self.middle[-1]
         for name, m in self.dec.items():
             if "block" in name:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = m(x, emb, text)
+            if residuals is not None and name == last_middle:
+                x = x + residuals[1]
         return self.out_conv(F.silu(self.out_norm(x)))
 
     PRESETS: dict[str, dict[str, Any]] = {  # noqa: RUF012

@@ -3,6 +3,8 @@
 - Classifier-free guidance (Ho & Salimans 2022):  D_w = D(x; ∅) + w · (D(x; y) − D(x; ∅)),
   computed in one batched forward pass; optionally only for σ in an interval (Kynkäänniemi et al. 2024).
   Because every target is affine in D, guiding D is the same as guiding ε, v or the velocity.
+- ControlNet over a σ interval (:class:`ControlInterval`): the control images act only where σ lies in [σ_lo, σ_hi]
+  (high σ: the layout; switching control off at low σ leaves the details to the base).
 - Classifier guidance (Dhariwal & Nichol 2021, Song et al. 2021): the score gains s·∇_x̃ log p(y | x̃; σ),
   i.e. D_s = D(x; ∅) + s σ² ∇_x̃ log p(y | x̃; σ) (using ∇log p(x̃; σ) = (D − x̃)/σ², Karras et al. 2022, eq. 3).
 """
@@ -15,10 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..core.condition import TextCondition, cat_conditions, null_condition
+from ..core.condition import ControlCondition, TextCondition, cat_conditions, null_condition
 from ..core.preconditioning import DenoiserFn, pad_dims
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "train_noisy_classifier"]
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "ControlInterval", "train_noisy_classifier"]
 
 
 class ClassifierFreeGuidance:
@@ -57,6 +59,28 @@ class ClassifierFreeGuidance:
             inside = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
             w = torch.where(inside, w, torch.ones_like(w))
         return d_uncond + pad_dims(w, x) * (d_cond - d_uncond)
+
+
+class ControlInterval:
+    """``D(x, σ, ControlCondition(c, images))`` for σ in [σ_lo, σ_hi], ``D(x, σ, c)`` (no control) elsewhere."""
+
+    def __init__(self, denoiser: DenoiserFn, interval: tuple[float, float]):
+        if not (len(interval) == 2 and interval[0] < interval[1]):
+            raise ValueError(f"the control interval must be (σ_lo, σ_hi) with σ_lo < σ_hi, got {interval}")
+        self.denoiser, self.interval = denoiser, interval
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: object = None) -> Tensor:
+        if not isinstance(cond, ControlCondition):
+            return self.denoiser(x, sigma, cond)
+        s = torch.as_tensor(sigma, device=x.device)
+        inside = (s >= self.interval[0]) & (s <= self.interval[1])
+        if bool(inside.all()):
+            return self.denoiser(x, sigma, cond)
+        if not bool(inside.any()):
+            return self.denoiser(x, sigma, cond.cond)
+        inside = inside.expand(len(x)) if inside.ndim == 0 else inside
+        controlled, free = self.denoiser(x, sigma, cond), self.denoiser(x, sigma, cond.cond)
+        return torch.where(inside.reshape(-1, *[1] * (x.ndim - 1)), controlled, free)
 
 
 class ClassifierGuidance:

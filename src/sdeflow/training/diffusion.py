@@ -13,12 +13,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..builders import build_denoiser, build_network, build_recipe, load_text_encoder, lora_spec, resolve_base
+from ..builders import (
+    build_denoiser,
+    build_network,
+    build_recipe,
+    controlled,
+    load_text_encoder,
+    lora_spec,
+    resolve_base,
+)
 from ..checkpoint import check_finite, load_weights
 from ..config import ConfigError, ExperimentConfig
-from ..core.condition import TextCondition
+from ..core.condition import ControlCondition
 from ..core.losses import Recipe, denoising_loss
 from ..core.preconditioning import Denoiser
+from ..data.control import control_map
 from ..models.autoencoder import Autoencoder, AutoencoderKL
 from ..models.lora import add_lora, architecture_fingerprint, save_lora
 from ..models.text_encoder import CaptionTable, TextEncoder
@@ -115,13 +124,20 @@ class DiffusionObjective(Objective):
                 add_lora(self.net, spec)
             except ValueError as e:
                 raise ConfigError(f"finetune: {e}") from None
+        if cfg.finetune.method == "controlnet":
+            self.net = controlled(cfg, self.net.requires_grad_(False))  # the copy trains, the base stays frozen
+            self.distribute(lambda m: m)
         if self.ema is not None:  # the average starts at the base (and holds the adapters' layers)
             e = cfg.train.ema
             self.ema = EMA(self.net, e.kind, e.decay, e.std, e.start_step)
 
-    def condition(self, labels: Tensor | None, batch: int) -> Tensor | TextCondition | None:
-        """The network's condition for batch labels: class labels as they are, caption indices encoded."""
-        return labels if self.captions is None else self.captions(labels, batch)
+    def condition(self, labels: Tensor | None, batch: int, images: Tensor | None = None) -> Any:
+        """The network's condition for batch labels: class labels as they are, caption indices encoded; a
+        ControlNet run adds the control maps of the batch's ``images``."""
+        cond = labels if self.captions is None else self.captions(labels, batch)
+        if images is not None and self.cfg.finetune.method == "controlnet":
+            return ControlCondition(cond, (control_map(self.cfg.finetune.control, images),))
+        return cond
 
     def clean_data(self, batch: Batch) -> Tensor:
         """x0: the batch's images, or c·z with z = μ + σ·ε from their posterior (ε drawn from the batch)."""
@@ -166,7 +182,7 @@ class DiffusionObjective(Objective):
         sigma = self.recipe.sample_sigma(batch.global_size, batch.generator, batch.x.device)[batch.rows]
         noise = batch.randn(*x0.shape[1:]).to(x0.dtype)
         weight = self.recipe.weight(sigma)
-        cond = self.condition(batch.labels, len(x0))
+        cond = self.condition(batch.labels, len(x0), batch.x)
         return denoising_loss(self.denoiser, x0, sigma, weight, noise=noise, cond=cond).mean()
 
     def after_step(self, step: int) -> None:
