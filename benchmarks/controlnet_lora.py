@@ -46,8 +46,9 @@ def measured_train(config: str, out: Path, steps: int, batch: int, smoke: bool, 
     tr, s = train(config, out, steps, batch, smoke, extra)
     if torch.cuda.is_available() and not smoke:
         s["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    s["trainable_M"] = round(sum(p.numel() for p in tr.objective.parameters_for("model")) / 1e6, 4)
-    s["total_M"] = round(sum(p.numel() for p in tr.objective.net.parameters()) / 1e6, 3)
+    s["trainable"] = sum(p.numel() for p in tr.objective.parameters_for("model"))
+    s["total"] = sum(p.numel() for p in tr.objective.net.parameters())
+    s["trainable_M"], s["total_M"] = round(s["trainable"] / 1e6, 4), round(s["total"] / 1e6, 3)
     return s
 
 
@@ -190,7 +191,8 @@ def write_report(out: Path, data: dict) -> None:
                                  ("full", "full fine-tuning", "checkpoint_bytes")):  # fmt: skip
             s = lo[key]
             size = f"{s[disk] / 2**20:.2f} MiB" if disk and disk in s else "—"
-            L.append(f"| {label} | {s['trainable_M'] * 1e6:,.0f} ({100 * s['trainable_M'] / s['total_M']:.2f} %) | "
+            count, total = s.get("trainable", s["trainable_M"] * 1e6), s.get("total", s["total_M"] * 1e6)
+            L.append(f"| {label} | {count:,.0f} ({min(100.0, 100 * count / total):.2f} %) | "
                      f"{size} | {s.get('peak_memory_GiB', '—')} GiB | {s['images_per_s']:.0f} | "
                      f"{s['concept_accuracy']:.3f} | {s['fid_nines']:.2f} |")  # fmt: skip
         L += ["", "Grid: base (row 1), base + LoRA (row 2), full fine-tuning (row 3).", "", f"![lora]({lo['grid']})"]

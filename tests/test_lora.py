@@ -237,3 +237,19 @@ def test_bad_finetuning_setups_name_the_field(tmp_path, base_run, capsys):
     assert main(["sample", str(base_run), "--lora", str(tmp_path / "none"), "--n", "2"]) == 2
     assert "--lora" in capsys.readouterr().err
     assert main(["sample", str(base_run), "--lora-scale", "0.5", "--n", "2"]) == 2
+
+
+def test_data_classes_keeps_the_chosen_labels_only():
+    from sdeflow.config import DataConfig
+    from sdeflow.data import build_dataset
+
+    full = build_dataset(DataConfig(name="digits", resolution=8), 0)
+    nines = build_dataset(DataConfig(name="digits", resolution=8, classes=[9]), 0)
+    assert len(nines) == int((full.y == 9).sum()) and set(nines.y.tolist()) == {9}
+    assert torch.equal(nines.x, full.x[full.y == 9]) and nines.num_classes == 10  # the label range is kept
+    some = build_dataset(DataConfig(name="digits", resolution=8, classes=[0, 3]), 0)
+    assert len(some) == int(((full.y == 0) | (full.y == 3)).sum())
+    with pytest.raises(ConfigError, match="no images of these labels"):
+        build_dataset(DataConfig(name="digits", resolution=8, classes=[12]), 0)
+    with pytest.raises(ConfigError, match="data.classes selects labels of a labelled image dataset, not of 'shapes'"):
+        load_config(None, ["data.name=shapes", "data.classes=[1]"])
