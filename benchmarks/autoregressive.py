@@ -27,16 +27,13 @@ Writes ``autoregressive.{json,md}`` and grids ``ar_samples_*.png`` under ``--out
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from latent_baselines import FID, ROOT, UNCOND, draw, grid, heldout, train
-from timing import results_json
+from latent_baselines import FID, UNCOND, draw, grid, heldout, train
+from timing import command_lines, open_results, run_parser, run_parts
 
 SMOKE = {
     "made": ["autoregressive.hidden=[32]"],
@@ -88,14 +85,8 @@ def part_vq(a: argparse.Namespace, fid: FID, dev: str) -> dict:
     extra = [f"autoencoder.disc_start={a.ae_steps // 2}"]
     if a.inception_weights:
         extra.append(f"autoencoder.perceptual_weights={a.inception_weights}")
-    tr, s = train(
-        "mnist_vqgan.yaml",
-        Path(a.runs) / "vqgan",
-        a.ae_steps,
-        a.batch,
-        a.smoke,
-        [*extra, *(SMOKE["vqgan"] if a.smoke else [])],
-    )
+    smoke = SMOKE["vqgan"] if a.smoke else []
+    tr, s = train("mnist_vqgan.yaml", Path(a.runs) / "vqgan", a.ae_steps, a.batch, a.smoke, [*extra, *smoke])
     ae = tr.objective.sampling_autoencoder()
     with torch.no_grad():
         recon = torch.cat([ae.decode(ae.latent(ae.moments(x.to(dev)))).float().cpu() for x in fid.real.split(500)])
@@ -103,32 +94,12 @@ def part_vq(a: argparse.Namespace, fid: FID, dev: str) -> dict:
     rows["vqgan"] = s
     ck = s["checkpoint"]
     prior = [f"autoregressive.autoencoder={ck}", "train.compile=false"]
-    rows["vq_transformer"] = ar_row(
-        a,
-        fid,
-        dev,
-        "vq_transformer",
-        "mnist_vq_transformer.yaml",
-        a.steps_prior,
-        [*prior, *UNCOND, "autoregressive.cfg=null", "autoregressive.top_k=null"],
-    )
-    rows["vq_transformer_cfg"] = ar_row(
-        a,
-        fid,
-        dev,
-        "vq_transformer_cfg",
-        "mnist_vq_transformer.yaml",
-        a.steps_prior,
-        [*prior, "data.split=fit", f"autoregressive.cfg={a.cfg}"],
-    )
-    _, s = train(
-        "mnist_ldm.yaml",
-        Path(a.runs) / "ldm_vq",
-        a.steps_ldm,
-        a.batch,
-        a.smoke,
-        [*UNCOND, "train.compile=false", f"diffusion.autoencoder={ck}", *(SMOKE["ldm"] if a.smoke else [])],
-    )
+    priors = {"vq_transformer": [*UNCOND, "autoregressive.cfg=null", "autoregressive.top_k=null"],
+              "vq_transformer_cfg": ["data.split=fit", f"autoregressive.cfg={a.cfg}"]}  # fmt: skip
+    for name, over in priors.items():  # unconditional, and class-conditional with guidance on the logits
+        rows[name] = ar_row(a, fid, dev, name, "mnist_vq_transformer.yaml", a.steps_prior, [*prior, *over])
+    ldm = [*UNCOND, "train.compile=false", f"diffusion.autoencoder={ck}", *(SMOKE["ldm"] if a.smoke else [])]
+    _, s = train("mnist_ldm.yaml", Path(a.runs) / "ldm_vq", a.steps_ldm, a.batch, a.smoke, ldm)
     m = load(s["checkpoint"], device=dev)
     for nfe in (10, 50):
         draw(m, nfe, min(a.n, 500), dev)  # warm-up
@@ -199,10 +170,7 @@ def write_report(out: Path, data: dict) -> None:
             f"The VQGAN: rFID {s['rfid']:.2f}, held-out PSNR {s['psnr']:.2f} dB, {s['codes_used']} of "
             f"{s['codebook_size']} codes used in the held-out digits (perplexity {s['perplexity']:.1f}).",
         ]
-    L += ["", "## Commands", ""]
-    for part in (made and {"made": made}, pix and {"pixelcnn": pix}, vq):
-        for key, s in (part or {}).items():
-            L.append(f"- {key}: `{s['command']}` ({s['steps']} steps, {s['seconds']:.0f} s)")
+    L += command_lines({**({"made": made} if made else {}), **({"pixelcnn": pix} if pix else {}), **vq})
     L += ["", "## Grids", ""]
     for part in (made and {"made": made}, pix and {"pixelcnn": pix}, vq):
         for key, s in (part or {}).items():
@@ -213,53 +181,24 @@ def write_report(out: Path, data: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="made,pixelcnn,vq")
+    ap = run_parser(__doc__, "autoregressive", "made,pixelcnn,vq", 128, 2000)
     ap.add_argument("--steps-made", type=int, default=10000)
     ap.add_argument("--steps-pixelcnn", type=int, default=5000)
     ap.add_argument("--ae-steps", type=int, default=1000)
     ap.add_argument("--steps-prior", type=int, default=3000)
     ap.add_argument("--steps-ldm", type=int, default=2000)
     ap.add_argument("--cfg", type=float, default=2.0)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--n", type=int, default=2000, help="samples per FID and per speed measurement")
-    ap.add_argument("--inception-weights")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "autoregressive"))
-    ap.add_argument("--append", action="store_true", help="keep the other parts' results of an earlier run")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    jfile = results_json(a.out, "autoregressive", a.report_only, write_report)
-    if jfile is None:
+    opened = open_results(a, "autoregressive", write_report)
+    if opened is None:
         return
-    dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
-    data = json.loads(jfile.read_text()) if a.append and jfile.is_file() else {"results": {}}
-    earlier = data.get("meta", {}).get("runs", []) if a.append else []
-    data["meta"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__,
-        "n": a.n,
-        "cfg": a.cfg,
-        "command": "python benchmarks/autoregressive.py " + " ".join(sys.argv[1:]),
-    }
-    meta = data["meta"]
-    meta["runs"] = [*earlier, {k: meta[k] for k in ("command", "date", "device", "torch")} | {"parts": a.parts}]
+    jfile, dev, data = opened
+    data["meta"].update(n=a.n, cfg=a.cfg)
     fid = FID(a.inception_weights, dev, a.smoke)
-    for part in a.parts.split(","):  # the JSON is written after each part: a cut-off run keeps what it finished
-        t0 = time.time()
-        if part == "made":
-            data["results"]["made"] = ar_row(a, fid, dev, "made", "mnist_made.yaml", a.steps_made, [])
-        elif part == "pixelcnn":
-            data["results"]["pixelcnn"] = ar_row(a, fid, dev, "pixelcnn", "mnist_pixelcnn.yaml", a.steps_pixelcnn, [])
-        elif part == "vq":
-            data["results"]["vq"] = part_vq(a, fid, dev)
-        else:
-            raise SystemExit(f"unknown part '{part}'")
-        print(f"part {part}: {time.time() - t0:.0f} s", flush=True)
-        jfile.write_text(json.dumps(data, indent=1, default=str))
-    write_report(jfile.parent, data)
+    parts = {"made": lambda: ar_row(a, fid, dev, "made", "mnist_made.yaml", a.steps_made, []),
+             "pixelcnn": lambda: ar_row(a, fid, dev, "pixelcnn", "mnist_pixelcnn.yaml", a.steps_pixelcnn, []),
+             "vq": lambda: part_vq(a, fid, dev)}  # fmt: skip
+    run_parts(a, jfile, data, parts, write_report)
 
 
 if __name__ == "__main__":

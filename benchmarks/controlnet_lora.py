@@ -24,16 +24,12 @@ Writes ``controlnet_lora.{json,md}`` and ``controlnet_grid.png`` / ``lora_grid.p
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from latent_baselines import FID, ROOT, grid, train
-from timing import results_json
+from latent_baselines import FID, grid, train
+from timing import command_lines, open_results, run_parser, run_parts
 
 SCALES = (0.0, 0.5, 1.0, 1.5)
 SMALL_UNET = ["model.kwargs={model_channels: 16, channel_mult: [1, 2], num_blocks: 1, attn_resolutions: []}"]
@@ -196,53 +192,26 @@ def write_report(out: Path, data: dict) -> None:
                      f"{size} | {s.get('peak_memory_GiB', '—')} GiB | {s['images_per_s']:.0f} | "
                      f"{s['concept_accuracy']:.3f} | {s['fid_nines']:.2f} |")  # fmt: skip
         L += ["", "Grid: base (row 1), base + LoRA (row 2), full fine-tuning (row 3).", "", f"![lora]({lo['grid']})"]
-    L += ["", "## Commands", ""]
-    for part in r.values():
-        for key, s in part.items():
-            if isinstance(s, dict) and "command" in s:
-                L.append(f"- {key}: `{s['command']}` ({s['steps']} steps, {s['seconds']:.0f} s)")
+    L += command_lines({f"{name} {key}": s for name, part in r.items() for key, s in part.items()})
     (out / "controlnet_lora.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="controlnet,lora")
+    ap = run_parser(__doc__, "controlnet_lora", "controlnet,lora", 128, 1000)
     ap.add_argument("--base-steps", type=int, default=2000)
     ap.add_argument("--cn-steps", type=int, default=2000)
     ap.add_argument("--ft-steps", type=int, default=1000)
     ap.add_argument("--full-lr", type=float, default=2e-4)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--inception-weights")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "controlnet_lora"))
-    ap.add_argument("--append", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    jfile = results_json(a.out, "controlnet_lora", a.report_only, write_report)
-    if jfile is None:
+    opened = open_results(a, "controlnet_lora", write_report)
+    if opened is None:
         return
-    dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
-    data = json.loads(jfile.read_text()) if a.append and jfile.is_file() else {"results": {}}
-    earlier = data.get("meta", {}).get("runs", []) if a.append else []
-    now = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
-           "command": "python benchmarks/controlnet_lora.py " + " ".join(sys.argv[1:]), "parts": a.parts}  # fmt: skip
-    data["meta"] = {"n": a.n, "runs": [*earlier, now]}
+    jfile, dev, data = opened
+    data["meta"]["n"] = a.n
     fid = FID(a.inception_weights, dev, a.smoke) if "lora" in a.parts else None
-    for part in a.parts.split(","):
-        t0 = time.time()
-        if part == "controlnet":
-            data["results"]["controlnet"] = part_controlnet(a, dev)
-        elif part == "lora":
-            data["results"]["lora"] = part_lora(a, dev, fid)  # type: ignore[arg-type]
-        else:
-            raise SystemExit(f"unknown part '{part}'")
-        print(f"part {part}: {time.time() - t0:.0f} s", flush=True)
-        jfile.write_text(json.dumps(data, indent=1, default=str))
-    write_report(jfile.parent, data)
+    parts = {"controlnet": lambda: part_controlnet(a, dev), "lora": lambda: part_lora(a, dev, fid)}
+    run_parts(a, jfile, data, parts, write_report)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from timing import results_json
+from timing import command_lines, results_json, run_options
 
 ROOT = Path(__file__).resolve().parents[1]
 UNCOND = ["model.num_classes=0", "train.label_dropout=0", "data.split=fit"]
@@ -288,10 +288,7 @@ def write_report(out: Path, data: dict) -> None:
                     "codes_used" in s) else "—"  # fmt: skip
                 L.append(f"| {label} | {s['rfid']:.2f} | {s['psnr_heldout']:.2f} | {s['psnr_train']:.2f} | "
                          f"{s['scaling_factor']:.4f} | {used} | {s['images_per_s']:.0f} |")  # fmt: skip
-    L += ["", "## Commands", ""]
-    for part in (ae, d, b):
-        for key, s in part.items():
-            L.append(f"- {key}: `{s['command']}` ({s['steps']} steps, {s['seconds']:.0f} s)")
+    L += command_lines({**ae, **d, **b})
     L += ["", "## Grids", ""]
     for part in (ae, d, b):
         for key, s in part.items():
@@ -312,13 +309,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000, help="samples per FID")
     ap.add_argument("--n-speed", type=int, default=2000, help="samples per sampling-speed measurement")
     ap.add_argument("--n-nll", type=int, default=500, help="held-out digits for bits/dim")
-    ap.add_argument("--inception-weights")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "latent_baselines"))
+    run_options(ap, "latent_baselines")
     ap.add_argument("--ae-checkpoint", help="the KL autoencoder for --parts diffusion without autoencoders")
-    ap.add_argument("--append", action="store_true", help="keep the other parts' results of an earlier run")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     jfile = results_json(a.out, "latent_baselines", a.report_only, write_report)
     if jfile is None:

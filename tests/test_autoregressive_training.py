@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from helpers import kill_and_resume
 from sdeflow.checkpoint import CheckpointError, find_latest
 from sdeflow.cli import main
 from sdeflow.config import ConfigError, load_config
@@ -103,17 +104,8 @@ def test_vq_transformer_trains_resumes_and_samples_through_the_cli(tmp_path, vq_
              "autoregressive.width=16", "autoregressive.depth=1", "autoregressive.heads=2", "model.num_classes=10",
              "train.label_dropout=0.2", "autoregressive.cfg=1.5", "autoregressive.top_k=8", "train.ckpt_every=2",
              "train.ema.kind=fixed"]  # fmt: skip
-    a = Trainer(cfg(tmp_path, "a", *extra, steps=6), progress=False)
-    a.fit()
-    b_cfg = cfg(tmp_path, "b", *extra, steps=6)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(b_cfg, progress=False, stop_after=3).fit()  # killed after step 3; last checkpoint step 2
-    b = Trainer(b_cfg, resume=True, progress=False)
-    assert b.step == 2
-    b.fit()
-    sa, sb = a.objective.state_dict(), b.objective.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.losses == b.losses
+    _, _, resumed_at = kill_and_resume(cfg(tmp_path, "a", *extra, steps=6), cfg(tmp_path, "b", *extra, steps=6))
+    assert resumed_at == 2  # killed after step 3; the last checkpoint is step 2's
     ck = find_latest(tmp_path / "a" / "checkpoints")
     objective, _ = load_objective(ck)
     images, labels = objective.generate(4, 0)

@@ -252,3 +252,34 @@ def test_control_acts_only_inside_its_sigma_interval():
     assert torch.all(d(x, torch.tensor(3.0), torch.tensor([0, 1, 2])) == 0)  # no control condition: untouched
     with pytest.raises(ValueError, match="σ_lo < σ_hi"):
         ControlInterval(den, (5.0, 1.0))
+
+
+def test_mmdit_controlnet_carries_the_text_stream_and_starts_as_identity():
+    from sdeflow.models import MMDiT
+    from sdeflow.models.controlnet import DiTControlNet
+
+    torch.manual_seed(0)
+    base = MMDiT(context_dim=8, pooled_dim=8, input_size=8, in_channels=3, hidden_size=32, depth=3, num_heads=2,
+                 patch_size=2)  # fmt: skip
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    base.eval().requires_grad_(False)
+    text = TextCondition(torch.randn(2, 4, 8), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool),
+                         torch.randn(2, 8))  # fmt: skip
+    x, c, img = torch.randn(2, 3, 8, 8), torch.tensor([0.1, 0.9]), torch.rand(2, 1, 8, 8)
+    y0 = base(x, c, text)
+    cn = DiTControlNet(base, control_channels=1, blocks=2)
+    net = ControlledNet(base, [cn])
+    assert torch.equal(net(x, c, ControlCondition(text, (img,))), y0)
+    with torch.no_grad():
+        for layer in (cn.hint, *cn.zero_out):
+            layer.weight.normal_(0, 0.1)
+    res, _ = cn(x, c, text, img)
+    h, t, carry = base.start(x, c, text)
+    for i, blk in enumerate(base.blocks):  # by hand: residual i after block i; the text stream as in the base
+        h, carry = base.step(blk, h, t, carry)
+        h = h + (res[i] if i < 2 else 0)
+    assert torch.allclose(net(x, c, ControlCondition(text, (img,))), base.unpatchify(h, t), atol=1e-6)
+    other = TextCondition(text.tokens.flip(0), text.mask.flip(0), text.pooled.flip(0))
+    assert not torch.allclose(cn(x, c, other, img)[0][1], res[1])  # the copy reads the prompt too

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import kill_and_resume
 from sdeflow.builders import load, load_autoencoder
 from sdeflow.checkpoint import CheckpointError, find_latest
 from sdeflow.cli import main
@@ -60,16 +61,8 @@ def _same(a, b):
     ids=["kl-wgan", "vqgan", "gan", "flow"],
 )  # fmt: skip
 def test_two_optimizer_kill_and_resume_is_bitwise_identical(tmp_path, extra):
-    a = Trainer(cfg(tmp_path, "a", *extra, steps=6), progress=False)
-    a.fit()
-    b_cfg = cfg(tmp_path, "b", *extra, steps=6)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(b_cfg, progress=False, stop_after=3).fit()  # killed after step 3; last checkpoint step 2
-    b = Trainer(b_cfg, resume=True, progress=False)
-    assert b.step == 2
-    b.fit()
-    assert a.losses == b.losses
-    _same(_state(a.objective), _state(b.objective))
+    a, b, resumed_at = kill_and_resume(cfg(tmp_path, "a", *extra, steps=6), cfg(tmp_path, "b", *extra, steps=6))
+    assert resumed_at == 2  # killed after step 3; the last checkpoint is step 2's
     for name in a.phases:
         sa, sb = a.phases[name].optimizer.state_dict()["state"], b.phases[name].optimizer.state_dict()["state"]
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import kill_and_resume
 from sdeflow.checkpoint import CheckpointError, find_latest
 from sdeflow.cli import main
 from sdeflow.config import ConfigError, load_config
@@ -196,16 +197,8 @@ def test_lora_trains_the_adapter_only_and_samples_the_same_through_sdeflow_sampl
 
 def test_lora_run_resumes_bitwise_and_full_finetuning_trains_everything(tmp_path, base_run):
     over = [*BASE, *LORA, "train.steps=4", f"finetune.base={base_run}"]
-    a = Trainer(load_config(None, [*over, f"out_dir={tmp_path / 'a'}"]), progress=False)
-    a.fit()
-    b_cfg = load_config(None, [*over, f"out_dir={tmp_path / 'b'}"])
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(b_cfg, progress=False, stop_after=3).fit()
-    b = Trainer(b_cfg, resume=True, progress=False)
-    b.fit()
-    assert a.losses == b.losses
-    sa, sb = a.objective.state_dict(), b.objective.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    kill_and_resume(load_config(None, [*over, f"out_dir={tmp_path / 'a'}"]),
+                    load_config(None, [*over, f"out_dir={tmp_path / 'b'}"]))  # fmt: skip
     full = Trainer(load_config(None, [*BASE, "train.steps=2", f"finetune.base={base_run}",
                                       f"out_dir={tmp_path / 'full'}"]), progress=False)  # fmt: skip
     start = {k: v.clone() for k, v in full.objective.net.state_dict().items()}

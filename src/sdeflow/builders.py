@@ -132,12 +132,12 @@ def controlled(cfg: ExperimentConfig, net: nn.Module) -> nn.Module:
     channels = control_channels(cfg.finetune.control)
     if isinstance(net, UNet):
         return ControlledNet(net, [ControlNet(net, channels)])
-    if type(net) is DiT:
+    if isinstance(net, DiT):  # and MM-DiT
         try:
             return ControlledNet(net, [DiTControlNet(net, channels, cfg.finetune.control_blocks)])
         except ValueError as e:
             raise ConfigError(f"finetune.control_blocks: {e}") from None
-    raise ConfigError(f"finetune.method 'controlnet' controls a UNet or a DiT; the base is a '{cfg.model.kind}'")
+    raise ConfigError(f"finetune.method 'controlnet' controls a UNet, DiT or MM-DiT; the base is '{cfg.model.kind}'")
 
 
 def lora_spec(cfg: ExperimentConfig) -> LoraSpec | None:

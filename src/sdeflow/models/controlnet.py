@@ -92,13 +92,12 @@ class ControlNet(nn.Module):
 
 
 class DiTControlNet(nn.Module):
-    """A trainable copy of ``base``'s patch and noise embeddings and its first ``blocks`` blocks; the control image
-    is patchified by a zero-initialised convolution and added to the copy's tokens."""
+    """A trainable copy of a DiT's or MM-DiT's embeddings and first ``blocks`` blocks; the control image is
+    patchified by a zero-initialised convolution and added to the copy's image tokens (MM-DiT: the text stream runs
+    through the copied blocks as in the base)."""
 
     def __init__(self, base: DiT, control_channels: int = 3, blocks: int = 0):
         super().__init__()
-        if type(base) is not DiT:
-            raise ValueError(f"DiTControlNet controls a class- or un-conditional DiT, not a {type(base).__name__}")
         blocks = blocks or max(1, len(base.blocks) // 2)
         if not 1 <= blocks <= len(base.blocks):
             raise ValueError(f"a ControlNet of {blocks} blocks does not fit a DiT of depth {len(base.blocks)}")
@@ -120,13 +119,11 @@ class DiTControlNet(nn.Module):
                 f"the control image must be (B, {self.control_channels}, {x.shape[-2]}, {x.shape[-1]}), got "
                 f"{tuple(image.shape)}"
             )
-        h, c = self.copy.embed(x, c_noise)
-        if self.copy.y_emb is not None:
-            c = c + self.copy.y_emb(cond, len(x), x.device)
+        h, c, carry = self.copy.start(x, c_noise, cond)
         h = h + self.hint(image.to(x.dtype)).flatten(2).transpose(1, 2)
         out = []
         for blk, zero in zip(self.copy.blocks, self.zero_out):
-            h = blk(h, c)
+            h, carry = self.copy.step(blk, h, c, carry)
             out.append(zero(h))
         return out, None
 

@@ -130,17 +130,25 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(
-        self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, residuals: tuple[list[Tensor], None] | None = None
-    ) -> Tensor:
-        """``residuals``: a ControlNet's, one per leading block, added to the hidden states after that block (the
-        ControlNet-Transformer of PixArt-δ, Chen et al. 2024, §3)."""
+    def start(self, x: Tensor, c_noise: Tensor, cond: Any = None) -> tuple[Tensor, Tensor, Any]:
+        """(patch tokens, conditioning vector, what the blocks carry besides: nothing here; MM-DiT's text stream)."""
         h, c = self.embed(x, c_noise)
         if self.y_emb is not None:
             c = c + self.y_emb(cond, len(x), x.device)
+        return h, c, None
+
+    def step(self, block: nn.Module, h: Tensor, c: Tensor, carry: Any) -> tuple[Tensor, Any]:
+        """One block on the tokens (and on what the blocks carry)."""
+        return block(h, c), carry
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Any = None, residuals: tuple[list[Tensor], None] | None = None
+                ) -> Tensor:  # fmt: skip
+        """``residuals``: a ControlNet's, one per leading block, added to the image tokens after that block (the
+        ControlNet-Transformer of PixArt-δ, Chen et al. 2024, §3; SD3's ControlNets alike)."""
+        h, c, carry = self.start(x, c_noise, cond)
         extra = residuals[0] if residuals is not None else []
         for i, blk in enumerate(self.blocks):
-            h = blk(h, c)
+            h, carry = self.step(blk, h, c, carry)
             if i < len(extra):
                 h = h + extra[i]
         return self.unpatchify(h, c)

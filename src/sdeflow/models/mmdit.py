@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.condition import TextCondition, check_text
+from ..core.condition import check_text
 from .dit import DiT, modulate
 from .layers import RMSNorm, attention
 
@@ -106,12 +106,15 @@ class MMDiT(DiT):
         )
         self._init_weights()
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: TextCondition | None = None) -> Tensor:
+    def start(self, x: Tensor, c_noise: Tensor, cond: Any = None) -> tuple[Tensor, Tensor, Any]:
+        """(image tokens, noise + pooled-prompt vector, (text tokens, their key mask))."""
         text = check_text(cond, self.context_dim, len(x))
         assert text is not None
         h, c = self.embed(x, c_noise)
         c = c + self.pooled_embed(text.pooled.to(c.dtype))
-        ctx = self.context_embed(text.tokens.to(h.dtype))
-        for blk in self.blocks:
-            h, ctx = blk(h, ctx, c, text.mask)
-        return self.unpatchify(h, c)
+        return h, c, (self.context_embed(text.tokens.to(h.dtype)), text.mask)
+
+    def step(self, block: nn.Module, h: Tensor, c: Tensor, carry: Any) -> tuple[Tensor, Any]:
+        ctx, mask = carry
+        h, ctx = block(h, ctx, c, mask)
+        return h, (ctx, mask)
