@@ -246,3 +246,32 @@ def test_data_classes_keeps_the_chosen_labels_only():
         build_dataset(DataConfig(name="digits", resolution=8, classes=[12]), 0)
     with pytest.raises(ConfigError, match="data.classes selects labels of a labelled image dataset, not of 'shapes'"):
         load_config(None, ["data.name=shapes", "data.classes=[1]"])
+
+
+def test_prior_preservation_adds_the_loss_on_the_base_samples(tmp_path, base_run):
+    from sdeflow.builders import load
+    from sdeflow.sampling import sample
+    from sdeflow.training.stream import Batch
+
+    over = [*BASE, "train.steps=4", f"finetune.base={base_run}", "finetune.prior_weight=0.5",
+            "finetune.prior_samples=6", "train.ckpt_every=2"]  # fmt: skip
+    t = Trainer(load_config(None, [*over, f"out_dir={tmp_path / 'p'}"]), progress=False)
+    obj = t.objective
+    m = load(base_run)  # the prior samples are the base's own, drawn with the config's sampler and a fixed seed
+    s = t.cfg.sample
+    want = sample(m.denoiser, (6, 1, 8, 8), m.process, s.sampler, s.steps, s.schedule, seed=t.cfg.seed + 7919).samples
+    assert torch.allclose(obj._prior, want, atol=1e-5)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+
+    def batch():
+        return Batch(x, None, torch.Generator().manual_seed(5), 4, slice(0, 4))
+
+    got = obj.loss(batch(), "model")
+    b = batch()  # by hand, drawing in the same order: the data term, the prior indices, the prior term
+    data_term = obj.dsm(b, x, None)
+    idx = (b.rand() * 6).long()
+    assert torch.allclose(got, data_term + 0.5 * obj.dsm(b, obj._prior[idx], None), atol=1e-6)
+    kill_and_resume(load_config(None, [*over, f"out_dir={tmp_path / 'a'}"]),
+                    load_config(None, [*over, f"out_dir={tmp_path / 'b'}"]))  # fmt: skip
+    with pytest.raises(ConfigError, match="finetune.prior_weight preserves"):
+        load_config(None, [*BASE, "finetune.prior_weight=1"])

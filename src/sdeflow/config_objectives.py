@@ -118,6 +118,9 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
     control: str = "mask"  # controlnet: CONTROL_KINDS, the map computed from each image
     control_blocks: int = 0  # controlnet on a DiT: blocks copied (0: half the depth)
+    # prior preservation (DreamBooth): add prior_weight × the loss on prior_samples samples the base draws first
+    prior_weight: float = 0.0
+    prior_samples: int = 200
 
 
 def _one_of(key: str, value: Any, allowed: Any) -> None:
@@ -188,6 +191,12 @@ def _validate_finetune(f: FinetuneConfig, cfg: Any) -> None:
             f"finetune needs lora_rank >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {f.lora_rank}, "
             f"{f.lora_alpha}, {f.lora_dropout}"
         )
+    if f.prior_weight < 0 or f.prior_samples < 1:
+        raise ConfigError(f"finetune.prior_weight must be >= 0 and prior_samples >= 1, got {f.prior_weight}, "
+                          f"{f.prior_samples}")  # fmt: skip
+    if f.prior_weight > 0 and (not f.base or f.method == "controlnet" or cfg.text.encoder):
+        raise ConfigError("finetune.prior_weight preserves an unconditional or class-conditional base's prior while "
+                          "fine-tuning it (full or lora); it needs finetune.base")  # fmt: skip
     if not f.lora_targets:
         raise ConfigError("finetune.lora_targets must name at least one group or pattern")
 

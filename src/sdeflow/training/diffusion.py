@@ -100,6 +100,7 @@ class DiffusionObjective(Objective):
         widths = (encoder.width, encoder.pooled_width) if encoder is not None else None
         net = build_network(cfg.model, data_shape, widths)
         obj = cls(net, build_recipe(cfg.diffusion), cfg, data_shape, autoencoder, cached, encoder, captions)
+        obj.prior_labels = None
         if cfg.finetune.base:
             obj.start_from_base(data_shape)
         return obj
@@ -118,6 +119,10 @@ class DiffusionObjective(Objective):
         check_finite(ck[which], source)
         load_weights(self.net, ck[which], source)
         self._base_meta = {"base": str(ck["path"]), "base_architecture": architecture_fingerprint(self.net)}
+        if cfg.finetune.prior_weight > 0:
+            if cfg.text.encoder:
+                raise ConfigError("finetune.prior_weight: prior preservation of a text-to-image base is not supported")
+            self.draw_prior()
         spec = lora_spec(cfg)
         if spec is not None:
             try:
@@ -179,11 +184,39 @@ class DiffusionObjective(Objective):
 
     def loss(self, batch: Batch, phase: str) -> Tensor:
         x0 = self.clean_data(batch)
-        sigma = self.recipe.sample_sigma(batch.global_size, batch.generator, batch.x.device)[batch.rows]
+        loss = self.dsm(batch, x0, self.condition(batch.labels, len(x0), batch.x))
+        w = self.cfg.finetune.prior_weight
+        if w > 0:  # prior preservation: the base's own samples keep being denoised as the base did
+            if self._prior.device != x0.device:
+                self._prior = self._prior.to(x0.device)
+            prior = self._prior
+            idx = (batch.rand() * len(prior)).long().clamp_max(len(prior) - 1)
+            labels = self.prior_labels[idx.cpu()].to(x0.device) if self.prior_labels is not None else None
+            loss = loss + w * self.dsm(batch, prior[idx.to(prior.device)].to(x0.dtype), labels)
+        return loss
+
+    def dsm(self, batch: Batch, x0: Tensor, cond: Any) -> Tensor:
+        """The mean weighted denoising loss of x0 at σ and noise drawn from the batch's generator."""
+        sigma = self.recipe.sample_sigma(batch.global_size, batch.generator, x0.device)[batch.rows]
         noise = batch.randn(*x0.shape[1:]).to(x0.dtype)
-        weight = self.recipe.weight(sigma)
-        cond = self.condition(batch.labels, len(x0), batch.x)
-        return denoising_loss(self.denoiser, x0, sigma, weight, noise=noise, cond=cond).mean()
+        return denoising_loss(self.denoiser, x0, sigma, self.recipe.weight(sigma), noise=noise, cond=cond).mean()
+
+    @torch.no_grad()
+    def draw_prior(self) -> None:
+        """DreamBooth's class images (Ruiz et al. 2023, eq. 2): ``finetune.prior_samples`` samples of the base,
+        drawn once from its weights (seeded, on the training device) with the config's sampler; class-conditional
+        bases cycle through the classes. A resumed run draws the same ones."""
+        n, k, s = self.cfg.finetune.prior_samples, self.cfg.model.num_classes, self.cfg.sample
+        t = self.cfg.train.device
+        device = torch.device(t if t != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.prior_labels = torch.arange(n) % k if k else None
+        net = self.net.to(device).eval()
+        den = build_denoiser(net, self.recipe, self.cfg.diffusion)
+        cond = self.prior_labels.to(device) if self.prior_labels is not None else None
+        res = sample(den, (n, *self.data_shape), self.recipe.process, s.sampler, s.steps, s.schedule, cond=cond,
+                     seed=self.cfg.seed + 7919, device=device)  # fmt: skip
+        self.net.train().to("cpu")
+        self._prior = res.samples.float()
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
