@@ -114,7 +114,9 @@ def test_one_layer_by_hand_with_scale_and_two_adapters(tmp_path):
 def test_bad_adapters_and_ranks_are_refused(tmp_path):
     a = _randomised(DiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, patch_size=2))
     add_lora(a, LoraSpec(rank=2, targets=["attention"]))
-    save_lora(a, tmp_path / "ad", LoraSpec(rank=2, targets=["attention"]))
+    save_lora(a, tmp_path / "ad", LoraSpec(rank=1, targets=["attention"]))
+    save_lora(a, tmp_path / "ad", LoraSpec(rank=2, targets=["attention"]))  # written again: replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temporary or old folder left behind
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["target_modules"] == ["blocks.0.proj", "blocks.0.qkv"] and meta["spec"]["rank"] == 2
     other = DiT(input_size=8, in_channels=1, hidden_size=64, depth=1, num_heads=2, patch_size=2)
@@ -226,6 +228,9 @@ def test_bad_finetuning_setups_name_the_field(tmp_path, base_run, capsys):
     with pytest.raises(ConfigError, match=r"was trained on data of shape \(1, 8, 8\).*\(1, 16, 16\)"):
         Trainer(load_config(None, [*BASE, *LORA, "data.resolution=16", f"finetune.base={base_run}",
                                    f"out_dir={tmp_path / 'z'}"]), progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="lies inside this run's out_dir"):
+        Trainer(load_config(None, [*BASE, *LORA, f"finetune.base={base_run}", f"out_dir={base_run.parent.parent}"]),
+                progress=False)  # fmt: skip
     capsys.readouterr()
     assert main(["sample", str(base_run), "--lora", str(tmp_path / "none"), "--n", "2"]) == 2
     assert "--lora" in capsys.readouterr().err

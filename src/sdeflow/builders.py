@@ -107,6 +107,10 @@ def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
     sections, and the base checkpoint (read and verified); else ``(cfg, None)``."""
     if not cfg.finetune.base:
         return cfg, None
+    base, out = Path(cfg.finetune.base).resolve(), Path(cfg.out_dir).resolve()
+    if base == out or out in base.parents:  # starting afresh there would move the base aside, resuming would mix them
+        raise ConfigError(f"finetune.base {cfg.finetune.base} lies inside this run's out_dir {cfg.out_dir}: "
+                          "fine-tune into another folder")  # fmt: skip
     try:
         ck = load_checkpoint(cfg.finetune.base)
     except CheckpointError as e:

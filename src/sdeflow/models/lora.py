@@ -144,11 +144,15 @@ def save_lora(net: nn.Module, folder: str | Path, spec: LoraSpec, name: str = "d
             "base_architecture": base_fingerprint or architecture_fingerprint(net),
             "sha256": hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()}  # fmt: skip
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(folder)
+    old = None
+    if folder.exists():  # the previous adapter moves aside first: a crash never leaves neither
+        old = Path(tempfile.mkdtemp(prefix=".old_", dir=folder.parent))
+        os.replace(folder, old / folder.name)
     os.replace(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
