@@ -322,7 +322,8 @@ def open_results(a: argparse.Namespace, name: str, write_report: Callable[[Path,
     data = json.loads(jfile.read_text()) if a.append and jfile.is_file() else {"results": {}}
     earlier = data.get("meta", {}).get("runs", []) if a.append else []
     now = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)" if a.smoke else "cpu",
+           "torch": torch.__version__,
            "command": f"python benchmarks/{name}.py " + " ".join(sys.argv[1:]), "parts": a.parts}  # fmt: skip
     data["meta"] = {**now, "runs": [*earlier, now]}
     return jfile, dev, data

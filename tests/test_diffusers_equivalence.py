@@ -151,3 +151,17 @@ def test_discrete_spacings_are_diffusers_timesteps(spacing):
         sch.set_timesteps(n)
         ours = proc.t_of_sigma(ddpm_discrete(n, proc, spacing)[:-1]).round().long()
         assert ours.tolist() == sch.timesteps.tolist(), (spacing, n)
+
+
+@pytest.mark.parametrize("name, ours", [("EDMDPMSolverMultistepScheduler", dpmpp_2m), ("EDMEulerScheduler", euler)])
+def test_edm_schedulers_match_ours(name, ours):
+    """diffusers' EDM schedulers read EDM's raw F; run_diffusers_scheduler hands it over from D, and the samples
+    equal our sampler's on diffusers' σ grid from the same start (σ-space, x_T = noise · init_noise_sigma)."""
+    sch = getattr(diffusers, name)()
+    sch.set_timesteps(10)
+    noise = _noise()
+    ref, nfe = run_diffusers_scheduler(sch, GM, noise)
+    sigmas = sch.sigmas.double()
+    assert nfe == 10 and float(sigmas[-1]) == 0.0 and float(sigmas[0]) == pytest.approx(80.0, rel=1e-6)
+    x = ours(GM, noise * float(sch.init_noise_sigma), sigmas)
+    assert _rel(x, ref) < 1e-5

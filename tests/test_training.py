@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from sdeflow.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
 from sdeflow.cli import main as cli_main
@@ -277,6 +276,9 @@ def test_configs_exist():
 FINETUNE_BASES = {  # a fine-tuning config: (the config of its base, overrides)
     "shapes_controlnet": ("shapes_unet.yaml", ["data.num_samples=64"]),
     "mnist_lora": ("mnist_edm.yaml", ["model.num_classes=0", "train.label_dropout=0"]),
+    "mnist_reflow": ("mnist_rectified_flow.yaml", []),
+    "mnist_reflow_distill": ("mnist_rectified_flow.yaml", []),
+    "mnist_consistency": ("mnist_edm.yaml", []),
 }
 
 
@@ -295,14 +297,19 @@ def test_every_shipped_config_trains_two_steps(path, tmp_path):
     ]
     if "cifar10" in path.stem:
         over.append(f"data.path={_fake_cifar(tmp_path / 'cifar')}")
-    method = (yaml.safe_load(path.read_text()).get("finetune") or {}).get("method")
-    if method in ("lora", "controlnet"):  # fine-tuning: a 2-step base of the config the comment names
+    based = path.stem in FINETUNE_BASES  # fine-tuning, reflow, distillation: a 2-step base of the config named
+    if based:
         base_cfg, base_over = FINETUNE_BASES[path.stem]
         base = load_config(ROOT / "configs" / base_cfg, [*over[1:], f"out_dir={tmp_path / 'base'}", *base_over])
         base.train.ckpt_every = 2
         Trainer(base, progress=False).fit()
         over.append(f"finetune.base={find_latest(tmp_path / 'base' / 'checkpoints')}")
-    cfg0 = load_config(path, over[-1:] if method in ("lora", "controlnet") else [])
+        if "reflow" in path.stem:  # the base's couplings
+            couplings = tmp_path / "couplings"
+            assert cli_main(["reflow", over[-1].split("=", 1)[1], "--out", str(couplings), "--n", "8", "--steps", "2",
+                             "--straightness", "0", "--device", "cpu"]) == 0  # fmt: skip
+            over.append(f"data.path={couplings}")
+    cfg0 = load_config(path, over[-2:] if "reflow" in path.stem else over[-1:] if based else [])
     if cfg0.data.name == "shapes":  # the real text encoder, a few captions
         over.append("data.num_samples=64")
     small_ae = ["autoencoder.disc_start=1", "autoencoder.perceptual_weight=0"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, check_finite, load_checkpoint, load_weights
 from .config import ConfigError, DiffusionConfig, ExperimentConfig, ModelConfig, TextConfig, config_from_dict
-from .config_objectives import AutoencoderConfig
+from .config_objectives import DENOISER_OBJECTIVES, AutoencoderConfig
 from .core.losses import Recipe, recipe
 from .core.preconditioning import Denoiser
 from .core.process import Process, get_process
@@ -28,6 +28,7 @@ from .models.dit import DiT
 from .models.lora import LoraSpec, add_lora
 from .models.text_encoder import TextEncoder
 from .models.unet import UNet
+from .sampling.optimize import read_schedules
 
 __all__ = [
     "LoadedModel",
@@ -88,7 +89,7 @@ def build_network(
 
 def build_denoiser(net: nn.Module, r: Recipe, cfg: DiffusionConfig, check_range: bool = True) -> Denoiser:
     """D(x, σ, cond) around ``net`` with the recipe's process and parameterization."""
-    return Denoiser(net, r.process, r.parameterization, cfg.sigma_data, cfg.time_scale, check_range=check_range)
+    return Denoiser(net, r.process, r.parameterization, cfg.sigma_data, cfg.time_scale, check_range, cfg.consistency)
 
 
 def checkpoint_config(ck: dict[str, Any]) -> tuple[ExperimentConfig, tuple[int, ...]]:
@@ -104,7 +105,10 @@ def checkpoint_config(ck: dict[str, Any]) -> tuple[ExperimentConfig, tuple[int, 
 
 def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any] | None]:
     """For a fine-tuning run (``finetune.base``): the config with the base run's model, diffusion and text
-    sections, and the base checkpoint (read and verified); else ``(cfg, None)``."""
+    sections, and the base checkpoint (read and verified); else ``(cfg, None)``. A consistency model's denoiser
+    keeps its boundary condition (``diffusion.consistency``)."""
+    if cfg.objective == "consistency" and not cfg.diffusion.consistency:
+        cfg = replace(cfg, diffusion=replace(cfg.diffusion, consistency=True))
     if not cfg.finetune.base:
         return cfg, None
     base, out = Path(cfg.finetune.base).resolve(), Path(cfg.out_dir).resolve()
@@ -115,14 +119,15 @@ def resolve_base(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
         ck = load_checkpoint(cfg.finetune.base)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (finetune.base)") from None
-    if ck["meta"].get("objective", "diffusion") != "diffusion":
+    if ck["meta"].get("objective", "diffusion") not in DENOISER_OBJECTIVES:
         raise CheckpointError(f"finetune.base {ck['path']} is not a diffusion model's checkpoint")
     base_cfg, _ = checkpoint_config(ck)
     if base_cfg.finetune.method == "lora":
         raise CheckpointError(
             f"finetune.base {ck['path']} is itself a LoRA run: fine-tune its base and load both adapters instead"
         )
-    return replace(cfg, model=base_cfg.model, diffusion=base_cfg.diffusion, text=base_cfg.text), ck
+    diffusion = replace(base_cfg.diffusion, consistency=cfg.objective == "consistency")
+    return replace(cfg, model=base_cfg.model, diffusion=diffusion, text=base_cfg.text), ck
 
 
 def controlled(cfg: ExperimentConfig, net: nn.Module) -> nn.Module:
@@ -273,7 +278,7 @@ def load(
     ck = load_checkpoint(checkpoint)
     meta = ck["meta"]
     objective = meta.get("objective", "diffusion")
-    if objective != "diffusion":
+    if objective not in DENOISER_OBJECTIVES:
         raise CheckpointError(
             f"{ck['path']} was trained with objective '{objective}'; sdeflow.load builds diffusion denoisers only"
         )
@@ -291,6 +296,9 @@ def load(
     load_weights(net, ck[which], f"{ck['path']}/{which}.safetensors")
     r = build_recipe(cfg.diffusion)
     den = build_denoiser(net.to(device), r, cfg.diffusion).eval()
+    sha = meta.get("sha256", {}).get(f"{which}.safetensors")  # schedules optimised for exactly these weights
+    den.optimized_schedules = {k: v["sigmas"] for k, v in read_schedules(ck["path"]).items()
+                               if v.get("weights_sha256") == sha}  # fmt: skip
     step = int(meta.get("step", 0))
     ae = _latent_autoencoder(cfg, meta, shape, Path(ck["path"]), device) if cfg.diffusion.autoencoder else None
     return LoadedModel(den, r.process, r, shape, cfg.model.num_classes, cfg, Path(ck["path"]), step, ae, enc)

@@ -51,15 +51,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _state_dict(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    weights = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in weights.items()}
 
 
 def save_checkpoint(
     directory: str | Path,
     step: int,
-    model: nn.Module,
-    ema: nn.Module | None,
+    model: nn.Module | dict[str, torch.Tensor],
+    ema: nn.Module | dict[str, torch.Tensor] | None,
     state: dict[str, Any],
     meta: dict[str, Any] | None = None,
     keep_last: int = 0,

@@ -20,6 +20,7 @@ import yaml
 from .config_objectives import (
     AutoencoderConfig,
     AutoregressiveConfig,
+    FewStepConfig,
     FinetuneConfig,
     FlowConfig,
     GANConfig,
@@ -110,6 +111,7 @@ class DiffusionConfig:
     # latent diffusion: an autoencoder checkpoint (a run's step folder, or a diffusers AutoencoderKL folder)
     autoencoder: str | None = None
     cache_latents: bool = False  # encode the data once into safetensors shards under out_dir/latents
+    consistency: bool = False  # a consistency model: D(x̃, σ_min) = x̃ (set by objective: consistency)
 
 
 @dataclass
@@ -118,6 +120,10 @@ class EMAConfig:
     decay: float = 0.999
     std: float = 0.05  # EDM2 relative std of the power-function profile
     start_step: int = 0
+    # post-hoc EMA (EDM2 §3): power-function profiles of these σ_rel tracked beside it, snapshots every posthoc_every
+    # steps in <out_dir>/ema_snapshots; `sdeflow ema RUN --sigma-rel ...` reconstructs any σ_rel after training
+    posthoc: list[float] = field(default_factory=list)
+    posthoc_every: int = 1000
 
 
 @dataclass
@@ -168,7 +174,8 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     out_dir: str = "runs/experiment"
-    objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow, autoregressive
+    objective: str = "diffusion"  # config_objectives.OBJECTIVES: diffusion, autoencoder, gan, flow, autoregressive,
+    # reflow, consistency
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -180,6 +187,7 @@ class ExperimentConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    fewstep: FewStepConfig = field(default_factory=FewStepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -345,6 +353,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _at_least(key, value, 0)
     if t.ema.kind == "power" and not 0 < t.ema.std < 12**-0.5:  # EDM2's profile needs γ > 0: σ_rel < √(1/12)
         raise ConfigError(f"train.ema.std must lie in (0, 0.2887), got {t.ema.std}")
+    if any(not 0 < v < 12**-0.5 for v in t.ema.posthoc) or t.ema.posthoc_every < 1:
+        raise ConfigError(f"train.ema.posthoc σ_rel must lie in (0, 0.2887) and posthoc_every be >= 1, got "
+                          f"{t.ema.posthoc}, {t.ema.posthoc_every}")  # fmt: skip
     if cfg.data.resolution is not None:
         _at_least("data.resolution", cfg.data.resolution, 2)
     if not 0 <= t.label_dropout < 1:

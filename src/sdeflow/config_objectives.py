@@ -15,19 +15,24 @@ from .errors import ConfigError
 __all__ = [
     "AR_MODELS",
     "AUTOENCODER_KINDS",
+    "DENOISER_OBJECTIVES",
+    "DISTANCES",
     "FINETUNE_METHODS",
     "GAN_LOSSES",
     "OBJECTIVES",
     "RECONSTRUCTIONS",
     "AutoencoderConfig",
     "AutoregressiveConfig",
+    "FewStepConfig",
     "FinetuneConfig",
     "FlowConfig",
     "GANConfig",
     "validate_objective",
 ]
 
-OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow", "autoregressive")
+OBJECTIVES = ("diffusion", "autoencoder", "gan", "flow", "autoregressive", "reflow", "consistency")
+DENOISER_OBJECTIVES = ("diffusion", "reflow", "consistency")  # their checkpoints hold a denoiser D(x, σ, cond)
+DISTANCES = ("l2", "pseudo_huber", "perceptual")  # sdeflow.training.distances
 AR_MODELS = ("made", "pixelcnn", "vq_transformer")
 FINETUNE_METHODS = ("full", "lora", "controlnet")
 CONTROL_KINDS = ("mask", "edges", "centers")  # sdeflow.data.control
@@ -123,6 +128,33 @@ class FinetuneConfig:
     prior_samples: int = 200
 
 
+@dataclass
+class FewStepConfig:
+    """Few-step generation from a teacher in finetune.base (its weights are the student's start).
+
+    reflow (Liu et al. 2022): data.name couplings with data.path the folder `sdeflow reflow TEACHER` wrote; the
+    k-rectified flow regresses the coupled pairs (distill_steps 0), or the k-step Euler map is distilled onto them
+    (distill_steps k: the loss only at the k grid times, with ``distance``). consistency (Song et al. 2023;
+    Song & Dhariwal 2023): distill (the teacher's ODE step between neighbouring σ) or train (no teacher)."""
+
+    distance: str = "l2"  # DISTANCES: l2, pseudo_huber (c = 0.00054·√dim), perceptual (FID Inception features)
+    perceptual_resolution: int = 224
+    distill_steps: int = 0  # reflow: 0 = the k-rectified flow; k > 0 = distil the k-step Euler sampler
+    mode: str = "distill"  # consistency: distill (needs finetune.base) or train
+    teacher_solver: str = "heun"  # consistency distill: heun or euler between σ_{n+1} and σ_n
+    # the σ grid: Karras's (ρ) with N points; curriculum: N(k) = min(s0·2^⌊k/K'⌋, s1) + 1 (Song & Dhariwal §3.4),
+    # else N = s0 + 1 throughout (the original CD: s0 = 17)
+    curriculum: bool = True
+    s0: int = 10
+    s1: int = 1280
+    rho: float = 7.0
+    n_sampling: str = "lognormal"  # lognormal (P_mean, P_std over the grid's intervals) or uniform
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    weighting: str = "inverse_gap"  # inverse_gap: λ = 1/(σ_{n+1} − σ_n) (Song & Dhariwal) or uniform
+    target_decay: float = 0.0  # μ of the target network θ⁻ ← μθ⁻ + (1 − μ)θ (CD: 0.95; iCT: 0, a stop-gradient)
+
+
 def _one_of(key: str, value: Any, allowed: Any) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
@@ -174,7 +206,28 @@ def validate_objective(cfg: Any) -> None:
             raise ConfigError(f"flow.quantization_levels must be >= 2, got {f.quantization_levels}")
     elif cfg.objective == "autoregressive":
         _validate_autoregressive(cfg.autoregressive, cfg)
+    elif cfg.objective in ("reflow", "consistency"):
+        _validate_fewstep(cfg.fewstep, cfg)
     _validate_finetune(cfg.finetune, cfg)
+
+
+def _validate_fewstep(f: FewStepConfig, cfg: Any) -> None:
+    _one_of("fewstep.distance", f.distance, DISTANCES)
+    _one_of("fewstep.mode", f.mode, ("distill", "train"))
+    _one_of("fewstep.teacher_solver", f.teacher_solver, ("heun", "euler"))
+    _one_of("fewstep.n_sampling", f.n_sampling, ("lognormal", "uniform"))
+    _one_of("fewstep.weighting", f.weighting, ("inverse_gap", "uniform"))
+    if f.distill_steps < 0 or f.s0 < 1 or f.s1 < f.s0 or f.p_std <= 0 or not 0 <= f.target_decay < 1:
+        raise ConfigError(f"fewstep needs distill_steps >= 0, 1 <= s0 <= s1, p_std > 0 and target_decay in [0, 1); "
+                          f"got {f.distill_steps}, {f.s0}, {f.s1}, {f.p_std}, {f.target_decay}")  # fmt: skip
+    if cfg.objective == "reflow" and cfg.data.name != "couplings":
+        raise ConfigError(f"objective 'reflow' trains on a flow's couplings: set data.name couplings and data.path "
+                          f"(from `sdeflow reflow TEACHER --out DIR`), not '{cfg.data.name}'")  # fmt: skip
+    if cfg.objective == "consistency" and f.mode == "distill" and not cfg.finetune.base:
+        raise ConfigError("consistency distillation starts from its teacher: set finetune.base (sdeflow train "
+                          "--base TEACHER_CHECKPOINT) or fewstep.mode train")  # fmt: skip
+    if cfg.finetune.method != "full":
+        raise ConfigError(f"objective '{cfg.objective}' trains every weight: finetune.method must be 'full'")
 
 
 def _validate_finetune(f: FinetuneConfig, cfg: Any) -> None:
@@ -184,7 +237,7 @@ def _validate_finetune(f: FinetuneConfig, cfg: Any) -> None:
             f"finetune.method '{f.method}' adapts a trained model: set finetune.base (sdeflow train --base RUN)"
         )
     _one_of("finetune.control", f.control, CONTROL_KINDS)
-    if f.base and cfg.objective != "diffusion":
+    if f.base and cfg.objective not in DENOISER_OBJECTIVES:
         raise ConfigError(f"finetune.base fine-tunes diffusion models; objective is '{cfg.objective}'")
     if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
         raise ConfigError(

@@ -151,6 +151,9 @@ class Denoiser(nn.Module):
             (as score-SDE and SD3 networks), 1 otherwise (DDPM's integer steps).
         check_range: refuse σ outside the process's range (the network never saw it). Checked for CPU tensors
             only: on a GPU the check would synchronise the host at every evaluation.
+        consistency: a consistency model f(x̃, σ) = x̃ + (1 − σ_min/σ)(D(x̃, σ) − x̃), i.e. one Euler step of the
+            PF-ODE from σ to the process's σ_min: f(x̃, σ_min) = x̃ exactly (the boundary condition of Song et al.
+            2023, eq. 3) for any parameterization, and f ≈ D for σ ≫ σ_min, so a student starts at its teacher.
     """
 
     def __init__(
@@ -161,8 +164,10 @@ class Denoiser(nn.Module):
         sigma_data: float = 0.5,
         time_scale: float | None = None,
         check_range: bool = True,
+        consistency: bool = False,
     ):
         super().__init__()
+        self.consistency = consistency
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization '{parameterization}'; choose one of {PARAMETERIZATIONS}")
         self.net, self.process, self.parameterization = net, process, parameterization
@@ -185,7 +190,10 @@ class Denoiser(nn.Module):
         f = self.net(pad_dims(c.c_in, x) * x, c.c_noise.to(x.dtype), cond)
         if f.shape != x.shape:
             raise ValueError(f"network output shape {tuple(f.shape)} does not match input {tuple(x.shape)}")
-        return pad_dims(c.c_skip, x) * x + pad_dims(c.c_out, x) * f.to(x.dtype)
+        out = pad_dims(c.c_skip, x) * x + pad_dims(c.c_out, x) * f.to(x.dtype)
+        if self.consistency:
+            out = x + pad_dims(1 - self.process.sigma_min / sigma, x) * (out - x)
+        return out
 
     def target(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
         """The network's regression target F* for x̃ = x0 + σ·noise (so that D(F*) = x0)."""

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from .couplings import CouplingDataset
 from .images import (
     MNIST_SPLITS,
     ArrayImageDataset,
@@ -67,10 +68,11 @@ DATASETS = (
     "mnist_idx",
     "fashion_mnist_idx",
     "npz",
+    "couplings",
 )
 
 
-PATH_DATASETS = ("image_folder", "cifar10", "cifar100", "mnist_idx", "fashion_mnist_idx", "npz")
+PATH_DATASETS = ("image_folder", "cifar10", "cifar100", "mnist_idx", "fashion_mnist_idx", "npz", "couplings")
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -121,6 +123,8 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         ds = load_cifar(_need_path(cfg), cfg.split, name)
     elif name in ("mnist_idx", "fashion_mnist_idx"):
         ds = load_idx(_need_path(cfg), cfg.split, cfg.resolution)
+    elif name == "couplings":  # reflow: a flow's (noise, sample) pairs
+        return CouplingDataset(_need_path(cfg))
     elif name == "npz":
         ds = load_npz(_need_path(cfg), cfg.resolution)
     else:

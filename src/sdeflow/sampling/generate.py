@@ -109,7 +109,11 @@ def sample(
     elif shape is None:
         raise TypeError("sample() needs the batch shape (B, *data_shape) or an initial state x_init")
     dtype = dtype or _model_dtype(model)
-    if sigmas is None:
+    if sigmas is None and schedule == "optimized":  # the grid stored with the model (sdeflow.sampling.optimize)
+        from .optimize import find_optimized
+
+        sigmas = check_schedule(find_optimized(model, spec.name, steps), process)
+    elif sigmas is None:
         n = max(steps, spec.min_steps) if isinstance(steps, int) and steps >= 1 else steps  # the schedule refuses < 1
         sigmas = get_schedule(schedule or spec.default_schedule(process), n, process)
     else:

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..core.process import FlowProcess, Process, VPDiscreteProcess
 from .multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde, unipc
 from .ode import adaptive_ode, edm_stochastic, euler, flow_euler, flow_heun, heun
-from .stochastic import annealed_langevin, ddim, ddpm, euler_maruyama, predictor_corrector
+from .stochastic import annealed_langevin, consistency, ddim, ddpm, euler_maruyama, predictor_corrector
 
 __all__ = [
     "SAMPLERS",
@@ -30,6 +30,7 @@ __all__ = [
     "SamplerSpec",
     "adaptive_ode",
     "annealed_langevin",
+    "consistency",
     "ddim",
     "ddpm",
     "default_schedule",
@@ -75,6 +76,7 @@ class SamplerSpec:
         discrete_native: on a discrete VP process it walks DDPM's integer timesteps ('leading' grid) by default.
         on_flow: the sampler run instead on a flow process (EDM's σ-space Heun is ill-conditioned there).
         min_steps: fewest steps the method can take.
+        schedule: its own default grid, where it has one.
     """
 
     name: str
@@ -87,9 +89,13 @@ class SamplerSpec:
     discrete_native: bool = False
     on_flow: str | None = None
     min_steps: int = 1
+    schedule: str | None = None
 
     def default_schedule(self, process: Process) -> str:
-        """SD3's shifted grid on flows; diffusers' 'leading' grid for DDPM/DDIM on a discrete process; else Karras."""
+        """The sampler's own grid if it has one; SD3's shifted grid on flows; diffusers' 'leading' grid for
+        DDPM/DDIM on a discrete process; else Karras."""
+        if self.schedule is not None:
+            return self.schedule
         if isinstance(process, FlowProcess):
             return "flow"
         if isinstance(process, VPDiscreteProcess) and self.discrete_native:
@@ -132,6 +138,16 @@ _SPECS = (
     SamplerSpec("unipc", unipc, _n, "N", "Zhao et al. 2023"),
     SamplerSpec("flow_euler", flow_euler, _n, "N", "Liu et al. 2022; SD3", needs_process=True),
     SamplerSpec("flow_heun", flow_heun, _heun_nfe, "2N − 1", "diffusers' FlowMatchHeun", needs_process=True),
+    SamplerSpec(
+        "consistency",
+        consistency,
+        _n,
+        "N",
+        "Song et al. 2023, Alg. 1",
+        needs_process=True,
+        stochastic=True,
+        schedule="consistency",
+    ),
     SamplerSpec("adaptive", adaptive_ode, None, "as needed", "Dormand & Prince 1980", min_steps=2),
 )
 SPECS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}

@@ -18,6 +18,7 @@ from ..core.process import FlowProcess, Process, VPDiscreteProcess, shift_time
 __all__ = [
     "SCHEDULES",
     "check_schedule",
+    "consistency_grid",
     "ddpm_discrete",
     "flow_shifted",
     "get_schedule",
@@ -94,7 +95,14 @@ def flow_shifted(n: int, process: FlowProcess, shift: float | None = None) -> Te
     return _append_zero(process.sigma(t))
 
 
-SCHEDULES = ("karras", "edm", "log_snr", "geometric", "uniform_t", "leading", "trailing", "linspace", "flow")
+def consistency_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Multistep consistency sampling's τ_0 … τ_{N−1}: Karras's grid of N + 1 points without its last, σ_min
+    (a consistency model maps σ_min to itself, so a step there would do nothing); N = 1 is [σ_max, 0]."""
+    return torch.cat([karras(n + 1, sigma_min, sigma_max, rho)[:-2], torch.zeros(1, dtype=torch.float64)])
+
+
+SCHEDULES = ("karras", "edm", "log_snr", "geometric", "uniform_t", "leading", "trailing", "linspace", "flow",
+             "consistency", "optimized")  # fmt: skip
 
 
 def get_schedule(
@@ -118,6 +126,11 @@ def get_schedule(
         sig = ddpm_discrete(n, process, name)  # type: ignore[arg-type]
     elif name == "flow":
         sig = flow_shifted(n, process)  # type: ignore[arg-type]
+    elif name == "consistency":
+        sig = consistency_grid(n, smin, smax, rho)
+    elif name == "optimized":
+        raise ValueError("the 'optimized' schedule belongs to a model: load it with sdeflow.load (computed by "
+                         "`sdeflow schedule CHECKPOINT`) or pass its sigmas")  # fmt: skip
     else:
         raise ValueError(f"unknown schedule '{name}'; choose one of {SCHEDULES}")
     check_schedule(sig, process)

@@ -153,3 +153,22 @@ def annealed_langevin(
             x = x + alpha / 2 * (denoised - x) / s**2 + math.sqrt(alpha) * randn_like(x, generator)
         notify(callback, i, s, x, denoised)
     return denoise(model, x, sig[-1], cond) if final_denoise else x
+
+
+@torch.no_grad()
+def consistency(model, x, sigmas, cond=None, *, generator=None, callback=None, process: Process | None = None):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1). NFE = N; N = 1 is the one-step map.
+
+        x0 = f(x̃, τ_0);  for τ_n = τ_1 … τ_{N−1}:  x̃ = x0 + √(τ_n² − σ_min²) z,  x0 = f(x̃, τ_n)
+
+    with f the consistency model (a denoiser with D(x̃, σ_min) = x̃) and σ_min the process's lower end.
+    """
+    smin = process.sigma_min if process is not None else 0.0
+    sig = grid(sigmas)
+    x0 = x
+    for i, s in enumerate(sig[:-1]):
+        if i > 0:
+            x = x0 + math.sqrt(max(s**2 - smin**2, 0.0)) * randn_like(x0, generator)
+        x0 = denoise(model, x, s, cond)
+        notify(callback, i, s, x, x0)
+    return x0

@@ -119,6 +119,7 @@ class DiffusionObjective(Objective):
         check_finite(ck[which], source)
         load_weights(self.net, ck[which], source)
         self._base_meta = {"base": str(ck["path"]), "base_architecture": architecture_fingerprint(self.net)}
+        self._base_sha = ck["meta"].get("sha256", {}).get(f"{which}.safetensors")
         if cfg.finetune.prior_weight > 0:
             if cfg.text.encoder:
                 raise ConfigError("finetune.prior_weight: prior preservation of a text-to-image base is not supported")

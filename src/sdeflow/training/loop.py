@@ -30,6 +30,7 @@ from .latents import latent_data
 from .objective import Objective
 from .objectives import build_objective
 from .optim import build_phases
+from .posthoc_ema import PostHocEMA
 from .run_log import RunLogger, plot_losses, save_samples_figure
 from .runtime import Runtime
 from .stream import BatchStream, step_seed
@@ -60,6 +61,14 @@ def final_report(objective: Objective, images: Any, out: Path, device: torch.dev
     report = objective.report(out, x[:64].to(device))
     objective.train()
     return report
+
+
+def to_device(dataset: Any, device: torch.device) -> None:
+    """In-memory data (and a couplings dataset's noise) moved to the GPU: batches are gathered there, with no
+    per-step host-to-device copies."""
+    for key in ("x", "y", "noise") if hasattr(dataset, "x") and hasattr(dataset, "y") else ():
+        if getattr(dataset, key, None) is not None:
+            setattr(dataset, key, getattr(dataset, key).to(device))
 
 
 def conditioning(cfg: ExperimentConfig, dataset: Any, images: Any) -> tuple[int, list[str] | None]:
@@ -114,9 +123,8 @@ class Trainer:
         autoencoder, cached = None, False  # latent diffusion: train on encodings
         if cfg.objective == "diffusion" and cfg.diffusion.autoencoder:
             self.dataset, autoencoder, self.data_shape, cached = latent_data(cfg, self.dataset, self.device, self.out)
-        if self.device.type == "cuda" and hasattr(self.dataset, "x") and hasattr(self.dataset, "y"):
-            # in-memory data lives on the GPU: batches are gathered there, no per-step host-to-device copies
-            self.dataset.x, self.dataset.y = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
+        if self.device.type == "cuda":
+            to_device(self.dataset, self.device)
         num_classes, captions = conditioning(cfg, self.dataset, self.images)
         channels_last = t.channels_last and len(self.data_shape) == 3
         self.stream = BatchStream(self.dataset, cfg.seed, t.batch_size // t.grad_accum, t.grad_accum, self.device,
@@ -130,6 +138,7 @@ class Trainer:
         self.phases = build_phases(self.objective, t, self.device)
         if self.rank == 0:  # a checkpoint: the objective's parameters (EMA included) and about as much optimizer state
             run_folder.check_disk(self.out, 2 * sum(p.numel() * p.element_size() for p in self.objective.parameters()))
+        self.posthoc = PostHocEMA.of_run(t.ema, self.objective.saved_modules()[0], self.out, self.rank)
         self.step = 0
         self.losses: list[float] = []
         if resume:
@@ -167,6 +176,7 @@ class Trainer:
             out[phase] = total
         self.step += 1
         self.objective.after_step(self.step)
+        self.posthoc and self.posthoc.update(self.objective.saved_modules()[0], self.step)  # post-hoc EMA profiles
         return out
 
     def fit(self) -> dict[str, Any]:
@@ -226,15 +236,14 @@ class Trainer:
                 f"the weights are not finite at step {self.step}: training stopped without saving. The last good "
                 f"checkpoint is {find_latest(self.ckpt_dir) or '(none written yet)'}; lower train.lr."
             )
-        return state.save(self.ckpt_dir, self.step, self.cfg, self.objective, self.phases, self.data_shape, self.losses)
+        run = (self.cfg, self.objective, self.phases, self.data_shape, self.losses, self.posthoc)
+        return state.save(self.ckpt_dir, self.step, *run)
 
     def sample_figure(self, path: Path, n: int | None = None) -> Path | None:
         """A PNG grid (images) or scatter plot (2-D) of the objective's samples, if it draws any."""
         drawn = self.objective.generate(n or self.cfg.sample.n, self.cfg.seed)
-        if drawn is None:
-            return None
         nrow = self.cfg.model.num_classes or None
-        return save_samples_figure(drawn[0], path, nrow, getattr(self.images, "x", None))
+        return save_samples_figure(drawn[0], path, nrow, getattr(self.images, "x", None)) if drawn else None
 
     def close(self) -> None:
         """Leave a distributed run cleanly (see :meth:`Runtime.close`); a no-op in a single process."""
@@ -244,7 +253,7 @@ class Trainer:
         if path is not None:
             ck = load_checkpoint(path)
             run_folder.check_resume_config(ck["meta"].get("config", {}), self.cfg.to_dict())
-            self.step, self.losses = state.restore(ck, self.objective, self.phases)
+            self.step, self.losses = state.restore(ck, self.objective, self.phases, self.posthoc)
         if self.rank == 0:
             run_folder.truncate_metrics(self.out / "metrics.jsonl", self.step)
             print(f"resumed from {path} at step {self.step}" if path else f"no checkpoint under {self.ckpt_dir}")

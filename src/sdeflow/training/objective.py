@@ -53,6 +53,14 @@ class Objective(nn.Module):
         """(model, ema): what a checkpoint stores as ``model.safetensors`` and ``ema.safetensors``."""
         return self, None
 
+    def extra_state(self) -> dict[str, Any]:
+        """Tensors besides the saved modules and optimizers that resuming needs (e.g. a consistency model's target
+        network); stored in the checkpoint's ``state.pt``."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
     def meta(self) -> dict[str, Any]:
         """Extra entries for each checkpoint's ``meta.json`` (e.g. which autoencoder a latent model needs)."""
         return {}

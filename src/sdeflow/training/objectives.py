@@ -14,8 +14,10 @@ from ..models.autoencoder import Autoencoder
 from .autoencoder import AutoencoderObjective
 from .autoregressive import AutoregressiveObjective
 from .baselines import FlowObjective, GANObjective
+from .consistency import ConsistencyObjective
 from .diffusion import DiffusionObjective
 from .objective import Objective
+from .reflow import ReflowObjective
 
 __all__ = ["OBJECTIVE_CLASSES", "build_objective", "load_objective"]
 
@@ -25,6 +27,8 @@ OBJECTIVE_CLASSES: dict[str, type[Objective]] = {
     "gan": GANObjective,
     "flow": FlowObjective,
     "autoregressive": AutoregressiveObjective,
+    "reflow": ReflowObjective,
+    "consistency": ConsistencyObjective,
 }
 
 
@@ -37,8 +41,8 @@ def build_objective(
 ) -> Objective:
     """``cfg.objective`` for data of ``data_shape`` (latent diffusion: the latent shape and its autoencoder;
     text-to-image: the dataset's caption table)."""
-    if cfg.objective == "diffusion":
-        return DiffusionObjective.from_config(cfg, data_shape, autoencoder, cached, captions)
+    if cfg.objective in ("diffusion", "reflow", "consistency"):
+        return OBJECTIVE_CLASSES[cfg.objective].from_config(cfg, data_shape, autoencoder, cached, captions)
     return OBJECTIVE_CLASSES[cfg.objective](cfg, data_shape)  # type: ignore[call-arg]
 
 

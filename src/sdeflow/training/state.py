@@ -13,6 +13,7 @@ from ..checkpoint import check_finite, load_weights, save_checkpoint
 from ..config import ExperimentConfig
 from .objective import Objective
 from .optim import Phase
+from .posthoc_ema import PostHocEMA
 
 __all__ = ["restore", "save"]
 
@@ -27,8 +28,10 @@ def save(
     phases: dict[str, Phase],
     data_shape: tuple[int, ...],
     losses: list[float],
+    posthoc: PostHocEMA | None = None,
 ) -> Path:
-    """Write checkpoint ``step_<step>`` of the run under ``directory`` and prune to ``train.keep_last``."""
+    """Write checkpoint ``step_<step>`` of the run under ``directory`` and prune to ``train.keep_last``;
+    ``posthoc``: the post-hoc EMA trackers' weights, kept in ``state.pt`` to resume them."""
     from .. import __version__
 
     state: dict[str, Any] = {
@@ -39,6 +42,8 @@ def save(
         rng={"torch": torch.get_rng_state(), "python": random.getstate()},
         samples_seen=step * cfg.train.batch_size,
         losses=losses,
+        objective=objective.extra_state(),
+        **({"posthoc": posthoc.state_dict()} if posthoc is not None else {}),
     )
     meta = {
         "config": cfg.to_dict(),
@@ -53,9 +58,11 @@ def save(
     return save_checkpoint(directory, step, model, ema, state, meta, keep_last=cfg.train.keep_last)
 
 
-def restore(ck: dict[str, Any], objective: Objective, phases: dict[str, Phase]) -> tuple[int, list[float]]:
+def restore(
+    ck: dict[str, Any], objective: Objective, phases: dict[str, Phase], posthoc: PostHocEMA | None = None
+) -> tuple[int, list[float]]:
     """Load a checkpoint read by :func:`~sdeflow.checkpoint.load_checkpoint` into the objective's modules, the
-    phases and the RNGs; returns (step, losses)."""
+    phases, the post-hoc EMA trackers and the RNGs; returns (step, losses)."""
     path = Path(ck["path"])
     model, ema = objective.saved_modules()
     for name in ("model", "ema"):
@@ -68,6 +75,9 @@ def restore(ck: dict[str, Any], objective: Objective, phases: dict[str, Phase]) 
         saved = st[key] if key in st else {objective.phases[0]: st[key[:-1]]}
         for name, p in phases.items():
             getattr(p, attr).load_state_dict(saved[name])
+    objective.load_extra_state(st.get("objective", {}))
+    if posthoc is not None:
+        posthoc.load_state_dict(st.get("posthoc", {}), int(st["step"]))
     torch.set_rng_state(st["rng"]["torch"])
     random.setstate(st["rng"]["python"])
     return int(st["step"]), list(st.get("losses", []))

@@ -39,6 +39,7 @@ class Batch:
     rows: slice
     channels_last: bool = False
     step: int = 0  # the optimizer step this batch belongs to (for objectives with step-dependent terms)
+    noise: Tensor | None = None  # a couplings dataset's noise paired with each x (reflow)
 
     def randn(self, *shape: int) -> Tensor:
         out = torch.randn((self.global_size, *shape), generator=self.generator, device=self.generator.device)
@@ -108,9 +109,12 @@ class BatchStream:
         rows = slice(self.rank * self.local, (self.rank + 1) * self.local)
         idx = self.indices((step * self.grad_accum + micro) * self.micro, self.micro)[rows]
         ds = self.dataset
+        noise = None
         if hasattr(ds, "x") and hasattr(ds, "y"):
             idx = idx.to(ds.x.device)
             x, y = ds.x[idx], ds.y[idx]
+            if getattr(ds, "noise", None) is not None:  # couplings: the noise each sample was drawn from
+                noise = self._layout(ds.noise[idx].to(self.device, non_blocking=True))
         else:
             items = [ds[int(i)] for i in idx]
             x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
@@ -126,4 +130,7 @@ class BatchStream:
             labels = y.to(self.device)
             if self.label_dropout > 0:
                 labels = torch.where(u[0] < self.label_dropout, torch.full_like(labels, NULL_LABEL), labels)
-        return Batch(x, labels, g, self.micro, rows, self.channels_last, step)
+        return Batch(x, labels, g, self.micro, rows, self.channels_last, step, noise)
+
+    def _layout(self, t: Tensor) -> Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.ndim == 4 else t
