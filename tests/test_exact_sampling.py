@@ -155,7 +155,7 @@ def test_dequantisation_and_bits_per_dim_by_hand():
 
 
 def test_get_schedule_dispatches_every_name():
-    from sdeflow.sampling.schedules import SCHEDULES, flow_shifted, get_schedule, karras
+    from sdeflow.sampling.schedules import SCHEDULES, consistency_grid, flow_shifted, get_schedule, karras
 
     edm, ve, vp, flow = EDMProcess(), VEProcess(), VPDiscreteProcess(), FlowProcess(shift=3.0)
     expected = {
@@ -168,8 +168,11 @@ def test_get_schedule_dispatches_every_name():
         ("trailing", vp): ddpm_discrete(6, vp, "trailing"),
         ("linspace", vp): ddpm_discrete(6, vp, "linspace"),
         ("flow", flow): flow_shifted(6, flow),
+        ("consistency", edm): consistency_grid(6, edm.sigma_min, edm.sigma_max, 7.0),
     }
-    assert {name for name, _ in expected} == set(SCHEDULES)
+    assert {name for name, _ in expected} | {"optimized"} == set(SCHEDULES)
+    with pytest.raises(ValueError, match="belongs to a model"):  # stored with a checkpoint, not computed here
+        get_schedule("optimized", 6, edm)
     for (name, process), want in expected.items():
         assert torch.equal(get_schedule(name, 6, process), want), name
     assert torch.equal(get_schedule("karras", 4, edm, 0.1, 10.0, rho=3.0), karras(4, 0.1, 10.0, 3.0))

@@ -16,7 +16,7 @@ from sdeflow.config import config_from_dict, load_config
 from sdeflow.errors import ConfigError, DataError
 from sdeflow.evaluation.metrics import sliced_wasserstein
 from sdeflow.sampling import sample
-from sdeflow.sampling.couplings import generate_couplings
+from sdeflow.sampling.couplings import generate_couplings, shard_seed
 from sdeflow.sampling.paths import path_straightness
 from sdeflow.training import Trainer
 from sdeflow.training.consistency import ConsistencyObjective
@@ -108,6 +108,10 @@ def test_couplings_resume_bitwise_and_refuse_mixing(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     last = load_file(tmp_path / "a" / "shard_00002.safetensors")
     assert last["x"].shape == (2, 2) and last["y"].tolist() == [8 % 3, 9 % 3]
+    own = torch.randn((2, 2), generator=torch.Generator().manual_seed(shard_seed(0, 2)))  # each shard its own seed
+    assert torch.equal(last["noise"], own) and shard_seed(0, 1) != shard_seed(0, 2) != shard_seed(1, 2)
+    x = sample(GRID, process=p, sampler="flow_euler", steps=3, x_init=own * p.prior_std(), cond=last["y"]).samples
+    assert torch.allclose(last["x"], x.float())  # the ODE's end point from that noise
     with pytest.raises(DataError, match="other settings \\(steps\\)"):
         generate_couplings(GRID, p, (2,), tmp_path / "a", **{**args, "steps": 4})
     from sdeflow import EDMProcess
@@ -143,6 +147,9 @@ def test_fewstep_config_and_teacher_errors(tmp_path):
                        teacher={"teacher": "elsewhere", "teacher_sha256": "0" * 64})  # fmt: skip
     with pytest.raises(ConfigError, match="drawn by another model"):
         reflow(tmp_path / "r2", tmp_path / "c2", 2, base=flow)
+    generate_couplings(GaussianMixture(torch.zeros(1, 3), 1.0), FlowProcess(), (3,), tmp_path / "c3d", n=8, steps=2)
+    with pytest.raises(ConfigError, match=r"trained on data of shape \(2,\).*has shape \(3,\)"):
+        reflow(tmp_path / "r3", tmp_path / "c3d", 2, base=flow)
     assert cli_main(["reflow", str(edm_ck), "--out", str(tmp_path / "c3"), "--n", "8", "--device", "cpu"]) == 2
 
 
@@ -196,3 +203,25 @@ def test_schedule_command_stores_a_grid_that_sample_uses(tmp_path, capsys):
     table["dpmpp_2m:3"]["weights_sha256"] = "0" * 64  # a grid belongs to the weights it was fitted to
     (ck / "schedules.json").write_text(json.dumps(table))
     assert load(ck).denoiser.optimized_schedules == {}
+
+
+def test_distillation_regresses_d_at_the_euler_samplers_noise_levels(tmp_path):
+    """k = 2 on a flow (shift 1): the 2-step Euler sampler evaluates D at t = t_max and t = 1/2, i.e. σ = t/(1 − t) =
+    9999 and 1; the loss is the mean distance of D(x + σ ε; σ) to the coupled x at the drawn level."""
+    from sdeflow.training.reflow import ReflowObjective
+    from sdeflow.training.stream import Batch
+
+    generate_couplings(GRID, FlowProcess(), (2,), tmp_path / "c", n=16, steps=2, shard_size=16)
+    d = train_cfg(tmp_path / "r", 2, objective="reflow", data={"name": "couplings", "path": str(tmp_path / "c")},
+                  diffusion={"recipe": "rectified_flow"}, fewstep={"distill_steps": 2})  # fmt: skip
+    obj = ReflowObjective.from_config(config_from_dict(d), (2,))
+    t_max = FlowProcess().t_max
+    assert obj.levels.tolist() == pytest.approx([t_max / (1 - t_max), 1.0], rel=1e-5)
+    x, noise = torch.randn(4, 2), torch.randn(4, 2)
+    g = torch.Generator().manual_seed(3)
+    batch = Batch(x, None, g, 4, slice(0, 4), noise=noise)
+    pick = (torch.rand(4, generator=torch.Generator().manual_seed(3)) * 2).long()
+    sigma = obj.levels[pick]
+    with torch.no_grad():
+        by_hand = (obj.denoiser(x + sigma[:, None] * noise, sigma) - x).square().mean(1).mean()
+        assert float(obj.loss(batch, "model")) == pytest.approx(float(by_hand), rel=1e-5)
