@@ -134,6 +134,8 @@ def reflow_like(out, couplings):
 def test_fewstep_config_and_teacher_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.name couplings"):
         config_from_dict({**reflow_like(tmp_path / "r", tmp_path), "data": {"name": "toy:moons"}})
+    with pytest.raises(ConfigError, match="sdeflow schedule"):  # a grid belongs to trained weights
+        config_from_dict({"sample": {"schedule": "optimized"}})
     with pytest.raises(ConfigError, match="set finetune.base"):
         config_from_dict(train_cfg(tmp_path / "c", 2, objective="consistency", data={"name": "toy:moons"}))
     generate_couplings(GRID, FlowProcess(), (2,), tmp_path / "c1", n=64, steps=2, shard_size=64)

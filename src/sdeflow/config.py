@@ -382,6 +382,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         if value is not None:
             _one_of(key, value, allowed)
     _one_of("sample.sampler", s.sampler, SPECS)
+    if s.schedule == "optimized":  # a grid belongs to trained weights (sdeflow schedule), not to a run in progress
+        raise ConfigError("sample.schedule 'optimized' is computed for a trained checkpoint by `sdeflow schedule`")
     _one_of("data.on_error", cfg.data.on_error, ON_ERROR)
     check_data_config(cfg.data)
     validate_objective(cfg)
