@@ -130,12 +130,13 @@ class FinetuneConfig:
 
 @dataclass
 class FewStepConfig:
-    """Few-step generation from a teacher in finetune.base (its weights are the student's start).
+    """Few-step generation; a teacher in finetune.base also gives the student its starting weights.
 
     reflow (Liu et al. 2022): data.name couplings with data.path the folder `sdeflow reflow TEACHER` wrote; the
-    k-rectified flow regresses the coupled pairs (distill_steps 0), or the k-step Euler map is distilled onto them
-    (distill_steps k: the loss only at the k grid times, with ``distance``). consistency (Song et al. 2023;
-    Song & Dhariwal 2023): distill (the teacher's ODE step between neighbouring σ) or train (no teacher)."""
+    next rectified flow regresses the coupled pairs (distill_steps 0; from finetune.base, the flow that drew them,
+    or from scratch), or the k-step Euler map is distilled onto them (distill_steps k: the loss only at the k noise
+    levels, with ``distance``). consistency (Song et al. 2023; Song & Dhariwal 2023): distill (finetune.base is the
+    teacher; one ODE step between neighbouring σ) or train (no teacher)."""
 
     distance: str = "l2"  # DISTANCES: l2, pseudo_huber (c = 0.00054·√dim), perceptual (FID Inception features)
     perceptual_resolution: int = 224
