@@ -436,3 +436,25 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"weights are not finite at step 8.*step_00000002"):
         tr.save()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
+def test_a_rank_without_its_gpu_gets_one_message(monkeypatch):
+    """torchrun with more processes per host than GPUs: the rank whose GPU is missing is refused by name, before
+    anything touches CUDA; so is a CUDA device on a machine without one."""
+    from sdeflow.config import TrainConfig
+    from sdeflow.errors import ConfigError
+    from sdeflow.training.runtime import Runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ConfigError, match=r"rank 3 of 4 on this host \(LOCAL_RANK\) needs GPU 3, but this host has 2"):
+        Runtime.start(TrainConfig(device="auto"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="train.device 'cuda:5' needs GPU 5"):
+        Runtime.start(TrainConfig(device="cuda:5"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no usable CUDA GPU"):
+        Runtime.start(TrainConfig(device="cuda"))

@@ -11,10 +11,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..models.layers import set_attention_backend
 
 __all__ = ["Runtime"]
+
+
+def check_gpu(device: torch.device, local_rank: int, world: int) -> None:
+    """Refuse, naming the cause, a CUDA device this process cannot have: no GPU at all, or a local rank beyond the
+    host's GPUs (torchrun --nproc_per_node larger than the GPU count)."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device is '{device}' but this machine has no usable CUDA GPU (train.device: auto)")
+    count = torch.cuda.device_count()
+    index = device.index if device.index is not None else 0
+    if index >= count:
+        who = f"rank {local_rank} of {world} on this host (LOCAL_RANK)" if world > 1 else f"train.device '{device}'"
+        raise ConfigError(f"{who} needs GPU {index}, but this host has {count}: start at most {count} processes "
+                          "per host (torchrun --nproc_per_node)")  # fmt: skip
 
 
 @dataclass
@@ -35,6 +48,7 @@ class Runtime:
         else:
             device = torch.device(t.device)
         if device.type == "cuda":
+            check_gpu(device, local_rank, world)
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
             set_attention_backend(t.attention_backend, device)
@@ -49,7 +63,9 @@ class Runtime:
             if self.world > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
-                module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                # gradients live in the all-reduce buckets (no copy between them and .grad)
+                module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                             gradient_as_bucket_view=True)  # fmt: skip
                 self.ddp_modules.append(module)
             if not t.compile:
                 return module
