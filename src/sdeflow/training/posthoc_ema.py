@@ -137,16 +137,17 @@ def reconstruct(
             f"steps are {100 * residual:.1f} % off the target's (limit {100 * max_residual:.0f} %)"
         )
     out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for coef, (_, _, path) in zip(x, used):
         try:
             weights = load_file(path)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read post-hoc EMA snapshot {path}: {e}") from None
         for k, v in weights.items():
+            dtypes[k] = v.dtype
             if not v.is_floating_point():  # counters and the like: the latest value
                 out[k] = v
                 continue
             acc = out.get(k)
             out[k] = coef * v.double() if acc is None else acc + coef * v.double()
-    dtypes = {k: v.dtype for k, v in load_file(used[-1][2]).items()}
     return {k: v.to(dtypes[k]) for k, v in out.items()}, residual
