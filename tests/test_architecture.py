@@ -256,7 +256,7 @@ LAYERS = [  # bottom up, as the README's layout lists them; a module may import 
     {"data"},
     {"checkpoint"},
     {"sampling", "interop"},
-    {"config", "config_objectives"},
+    {"config", "config_objectives", "config_train"},
     {"builders"},
     {"evaluation"},
     {"training"},

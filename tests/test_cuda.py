@@ -49,6 +49,40 @@ def test_training_on_gpu(config, extra, tmp_path):
     assert resumed.step == 30
 
 
+@pytest.mark.parametrize("extra", [[], ["train.activation_checkpointing=true", "train.compile=true"]])
+def test_fsdp_one_rank_trains_and_resumes_on_gpu(extra, tmp_path):
+    """FSDP2 on one GPU (a group of one rank, NCCL): bf16 parameters with fp32 reduction, sharded EMA and sharded
+    checkpoints; killed after step 4 and resumed, the run ends where an uninterrupted one ends."""
+    from sdeflow.checkpoint import find_latest, load_checkpoint
+    from sdeflow.config import load_config
+    from sdeflow.training import Trainer
+
+    def cfg(out):
+        return load_config(None, [
+            f"out_dir={out}", "data.name=digits", "model.kind=dit", "model.preset=DiT-S/2", "model.num_classes=10",
+            "diffusion.recipe=edm", "train.steps=8", "train.batch_size=32", "train.ckpt_every=4",
+            "train.precision=bf16", "train.parallel.strategy=fsdp", "train.tensorboard=false", "sample.n=4",
+            "sample.steps=4", *extra,
+        ])  # fmt: skip
+
+    whole = Trainer(cfg(tmp_path / "whole"), progress=False)
+    whole.fit()
+    whole.close()
+    killed = Trainer(cfg(tmp_path / "run"), progress=False, stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    killed.close()
+    resumed = Trainer(cfg(tmp_path / "run"), progress=False, resume=True)
+    assert resumed.step == 4 and resumed.runtime.sharded
+    resumed.fit()
+    resumed.close()
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=2e-2, atol=1e-3)
+    a, b = (load_checkpoint(find_latest(p / "checkpoints")) for p in (tmp_path / "whole", tmp_path / "run"))
+    assert a["meta"]["sharded"] and (tmp_path / "run" / "samples.png").is_file()
+    for k, v in a["ema"].items():
+        torch.testing.assert_close(b["ema"][k], v, rtol=2e-2, atol=2e-3, msg=k)
+
+
 @pytest.mark.parametrize(
     "sampler",
     [

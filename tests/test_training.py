@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -135,59 +133,6 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(
         torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "run" / "checkpoints" / ckpts[0])["model"].values()
     )
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out, overrides):
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    cfg = load_config(None, overrides)
-    tr = Trainer(cfg, progress=False)
-    tr.fit()
-    if rank == 0:
-        torch.save(
-            {"weights": tr.objective.net.state_dict(), "losses": tr.losses, "ema": tr.objective.ema.model.state_dict()},
-            out,
-        )
-    tr.close()
-    assert not dist.is_initialized()
-
-
-def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    overrides = [
-        f"out_dir={tmp_path / 'ddp'}",
-        "data.name=digits",
-        "model.kind=unet",
-        "model.preset=small",
-        "model.kwargs={model_channels: 16}",
-        "diffusion.recipe=edm",
-        "train.steps=5",
-        "train.batch_size=16",
-        "train.ckpt_every=0",
-        "train.tensorboard=false",
-        "train.device=cpu",
-        "sample.n=2",
-        "sample.steps=2",
-    ]
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), overrides), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
-    single = Trainer(load_config(None, [*overrides[1:], f"out_dir={tmp_path / 'single'}"]), progress=False)
-    single.fit()
-    for k, v in single.objective.net.state_dict().items():
-        torch.testing.assert_close(ddp["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
 
 
 def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):

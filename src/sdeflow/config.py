@@ -26,6 +26,16 @@ from .config_objectives import (
     GANConfig,
     validate_objective,
 )
+from .config_train import (
+    COMPILE_MODES,
+    EMA_KINDS,
+    LR_SCHEDULES,
+    PARALLEL_STRATEGIES,
+    EMAConfig,
+    ParallelConfig,
+    TrainConfig,
+    validate_parallel,
+)
 from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
 from .core.preconditioning import PARAMETERIZATIONS
 from .core.process import PROCESSES
@@ -43,6 +53,7 @@ __all__ = [
     "MODEL_KINDS",
     "ON_ERROR",
     "OPTIMIZERS",
+    "PARALLEL_STRATEGIES",
     "PRECISIONS",
     "ConfigError",
     "DataConfig",
@@ -50,6 +61,7 @@ __all__ = [
     "EMAConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "ParallelConfig",
     "SampleConfig",
     "TextConfig",
     "TrainConfig",
@@ -61,9 +73,6 @@ __all__ = [
 
 # Allowed values of the fields below. Values that another module owns (recipes, samplers, schedules, processes,
 # parameterizations, precisions, datasets, attention backends) are checked against that module's own table.
-LR_SCHEDULES = ("constant", "cosine", "linear")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-EMA_KINDS = ("fixed", "power", "none")
 MODEL_KINDS = ("mlp", "unet", "dit", "mmdit")
 ON_ERROR = ("skip", "raise")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "radam": "RAdam", "adagrad": "Adagrad"}
@@ -112,53 +121,6 @@ class DiffusionConfig:
     autoencoder: str | None = None
     cache_latents: bool = False  # encode the data once into safetensors shards under out_dir/latents
     consistency: bool = False  # a consistency model: D(x̃, σ_min) = x̃ (set by objective: consistency)
-
-
-@dataclass
-class EMAConfig:
-    kind: str = "fixed"  # EMA_KINDS: fixed, power (EDM2) or none
-    decay: float = 0.999
-    std: float = 0.05  # EDM2 relative std of the power-function profile
-    start_step: int = 0
-    # post-hoc EMA (EDM2 §3): power-function profiles of these σ_rel tracked beside it, snapshots every posthoc_every
-    # steps in <out_dir>/ema_snapshots; `sdeflow ema RUN --sigma-rel ...` reconstructs any σ_rel after training
-    posthoc: list[float] = field(default_factory=list)
-    posthoc_every: int = 1000
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-4
-    optimizer: str = "adamw"  # a key of OPTIMIZERS or any torch.optim class name
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # LR_SCHEDULES
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    precision: str = "fp32"  # PRECISIONS
-    compile: bool = False
-    compile_mode: str = "default"  # COMPILE_MODES (torch.compile's)
-    # Inductor options for torch.compile instead of a mode, e.g. {coordinate_descent_tuning: true}
-    compile_options: dict[str, Any] = field(default_factory=dict)
-    channels_last: bool = False  # NHWC activations for convolutional networks on the GPU
-    fused_optimizer: bool = True  # one fused kernel for the optimizer step on the GPU (Adam, AdamW, SGD)
-    attention_backend: str = "auto"  # sdeflow.models.layers.ATTENTION_BACKENDS; auto: cuDNN on Hopper
-    label_dropout: float = 0.0
-    num_workers: int = 0
-    device: str = "auto"
-    log_every: int = 50
-    sample_every: int = 0
-    ckpt_every: int = 500
-    keep_last: int = 3
-    tensorboard: bool = True
-    # divergence guard: stop when a loss exceeds divergence_factor × the median of the last divergence_window
-    # losses (checked once that many are known; 0 turns the spike check off; NaN/Inf always stop the run)
-    divergence_factor: float = 1000.0
-    divergence_window: int = 100
 
 
 @dataclass
@@ -387,6 +349,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _one_of("data.on_error", cfg.data.on_error, ON_ERROR)
     check_data_config(cfg.data)
     validate_objective(cfg)
+    validate_parallel(cfg)
     _at_least("text.max_length", cfg.text.max_length, 1)
     if cfg.text.encoder and cfg.model.num_classes:
         raise ConfigError("text.encoder and model.num_classes exclude each other: condition on prompts or on labels")

@@ -1,4 +1,5 @@
-"""The ``sdeflow`` command line: train, sample, eval, nll, demo, and the few-step commands reflow, ema, schedule.
+"""The ``sdeflow`` command line: train, sample, eval, nll, demo, export, and the few-step commands reflow, ema,
+schedule.
 
 Every user error (a bad config value, path, file, argument, an unusable checkpoint, a diverged run) prints one
 message naming the key, file or flag and exits with 2, or 1 for a run that diverged or an I/O failure during a
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from ..errors import SdeflowError
-from . import commands, fewstep
+from . import commands, export, fewstep
 from .args import device, float_pair, listed, positive_float, positive_int, quantisation_levels
 
 __all__ = ["build_parser", "main"]
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=commands.demo)
+    export.add_parser(sub)
     fewstep.add_parsers(sub, on_device)
     return p
 

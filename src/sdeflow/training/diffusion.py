@@ -219,6 +219,15 @@ class DiffusionObjective(Objective):
         self.net.train().to("cpu")
         self._prior = res.samples.float()
 
+    @property
+    def static_graph(self) -> bool:  # prior preservation runs the network twice before one backward
+        return self.cfg.finetune.prior_weight == 0
+
+    def distribute_copies(self, shard: Callable[[nn.Module], nn.Module]) -> None:
+        if self.ema is not None:
+            shard(self.ema.model)
+            self.ema.refresh()
+
     def after_step(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update(self.net, step)

@@ -37,7 +37,11 @@ class EMA(nn.Module):
         self.kind, self.decay, self.start_step = kind, decay, start_step
         self.gamma = power_exponent(std) if kind == "power" else 0.0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        # parameter lists gathered once: walking the module tree at every step would cost host time in the loop
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Gather the parameter lists again (after sharding replaced the parameters); they are gathered once
+        because walking the module tree at every step would cost host time in the loop."""
         self._ema = (list(self.model.parameters()), list(self.model.buffers()))
         self._src: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -57,9 +61,8 @@ class EMA(nn.Module):
             # the Parameter objects themselves (not detached views): they stay valid if .to() re-homes their data
             self._src = (model, list(model.parameters()), list(model.buffers()))
         (ema_p, ema_b), (_, src_p, src_b) = self._ema, self._src
-        if beta == 0.0:
-            torch._foreach_copy_(ema_p, src_p)
-        else:
-            torch._foreach_lerp_(ema_p, src_p, 1 - beta)
+        # β = 0 copies: lerp with weight 1 returns its end point exactly (and, unlike copy, has a sharding rule for
+        # the DTensors of an FSDP run)
+        torch._foreach_lerp_(ema_p, src_p, 1 - beta)
         for b_ema, b in zip(ema_b, src_b):
             b_ema.copy_(b)

@@ -1,4 +1,4 @@
-"""The training loop: one loop for every objective, single process or DDP under torchrun.
+"""The training loop: one loop for every objective, single process, or DDP / FSDP2 under torchrun.
 
 Each optimizer step runs the objective's phases in order; each phase accumulates gradients over the
 micro-batches of the deterministic stream (:mod:`~sdeflow.training.stream`), optionally clips them, and steps its
@@ -12,7 +12,6 @@ import json
 import math
 import statistics
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from ..checkpoint import find_latest, load_checkpoint
 from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
 from ..errors import TrainingDivergedError
-from . import run_folder, state
+from . import run_folder, sharding, state
 from .latents import latent_data
 from .objective import Objective
 from .objectives import build_objective
@@ -50,6 +49,14 @@ def divergence(losses: dict[str, float], history: list[float], factor: float, wi
         if median > 0 and sum(losses.values()) > factor * median:
             return f"loss {sum(losses.values()):.4g} is over {factor:g}× the median {median:.4g} of the last {window}"
     return ""
+
+
+def diverged(what: str, step: int, ckpt_dir: Path) -> TrainingDivergedError:
+    last = find_latest(ckpt_dir) or "(none written yet)"
+    return TrainingDivergedError(
+        f"{what} at step {step}: training stopped. The last good checkpoint is {last}; lower train.lr, enable "
+        "train.grad_clip or check the data for NaN/Inf (train.divergence_factor sets the spike check)."
+    )
 
 
 def final_report(objective: Objective, images: Any, out: Path, device: torch.device) -> dict[str, Any]:
@@ -134,7 +141,10 @@ class Trainer:
         self.objective.to(self.device)
         if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
             self.objective.to(memory_format=torch.channels_last)
-        self.objective.distribute(rt.wrapper(t))
+        # DDP's static graph: the same parameters every step, and one backward per step (no_sync breaks it)
+        self.objective.distribute(rt.wrapper(t, self.objective.static_graph and t.grad_accum == 1))
+        if rt.sharded:  # the EMA is sharded as the network is
+            self.objective.distribute_copies(lambda m: sharding.shard_copy(m, self.device))
         self.phases = build_phases(self.objective, t, self.device)
         if self.rank == 0:  # a checkpoint: the objective's parameters (EMA included) and about as much optimizer state
             run_folder.check_disk(self.out, 2 * sum(p.numel() * p.element_size() for p in self.objective.parameters()))
@@ -155,10 +165,7 @@ class Trainer:
             for micro in range(t.grad_accum):
                 batch = self.stream.batch(self.step, micro, k)
                 torch.manual_seed(step_seed(self.cfg.seed, self.step, micro, k) + self.rank)  # dropout layers
-                with ExitStack() as sync:
-                    if micro < t.grad_accum - 1:  # all-reduce once, on the last micro-batch
-                        for m in self.runtime.ddp_modules:
-                            sync.enter_context(m.no_sync())
+                with self.runtime.accumulating(micro < t.grad_accum - 1):  # reduce once, on the last micro-batch
                     with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = self.objective.loss(batch, phase)
                     self.phases[phase].scaler.scale(loss / t.grad_accum).backward()
@@ -203,7 +210,7 @@ class Trainer:
                     pending = []
                 if due_ckpt:
                     self.save()
-                if t.sample_every and self.step % t.sample_every == 0 and self.rank == 0:
+                if t.sample_every and self.step % t.sample_every == 0:
                     self.sample_figure(self.out / "samples" / f"step_{self.step:08d}.png")
                 if log is not None:
                     log.advance()
@@ -218,9 +225,9 @@ class Trainer:
             "final_loss": self.losses[-1] if self.losses else None,
             "checkpoint": str(final) if final else None,
         }
+        figure = self.sample_figure(self.out / "samples.png") if self.losses else None
         if self.rank == 0 and self.losses:
             plot_losses(self.losses, self.out / "loss.png")
-            figure = self.sample_figure(self.out / "samples.png")
             if figure is not None:
                 summary["samples"] = str(figure)
             summary.update(final_report(self.objective, self.images, self.out, self.device))
@@ -228,22 +235,28 @@ class Trainer:
         return summary
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the run now (rank 0; other ranks return None)."""
-        if self.rank != 0:
+        """Write a checkpoint of the run now (rank 0; other ranks return None; every rank of a sharded run)."""
+        sharded = self.runtime.sharded
+        if self.rank != 0 and not sharded:
             return None
-        if not all(bool(torch.isfinite(p).all()) for p in self.objective.parameters()):
+        if not sharding.all_finite(self.objective.saved_modules(), collective=sharded):
             raise TrainingDivergedError(
                 f"the weights are not finite at step {self.step}: training stopped without saving. The last good "
                 f"checkpoint is {find_latest(self.ckpt_dir) or '(none written yet)'}; lower train.lr."
             )
-        run = (self.cfg, self.objective, self.phases, self.data_shape, self.losses, self.posthoc)
-        return state.save(self.ckpt_dir, self.step, *run)
+        run = (self.cfg, self.objective, self.phases, self.data_shape, self.losses, self.posthoc, sharded)
+        path = state.save(self.ckpt_dir, self.step, *run)
+        return path if self.rank == 0 else None
 
     def sample_figure(self, path: Path, n: int | None = None) -> Path | None:
-        """A PNG grid (images) or scatter plot (2-D) of the objective's samples, if it draws any."""
+        """A PNG grid (images) or scatter plot (2-D) of the objective's samples, if it draws any, by rank 0 (a
+        sharded model samples on every rank together; rank 0 writes)."""
+        if self.rank != 0 and not self.runtime.sharded:
+            return None
         drawn = self.objective.generate(n or self.cfg.sample.n, self.cfg.seed)
-        nrow = self.cfg.model.num_classes or None
-        return save_samples_figure(drawn[0], path, nrow, getattr(self.images, "x", None)) if drawn else None
+        if self.rank != 0 or not drawn:
+            return None
+        return save_samples_figure(drawn[0], path, self.cfg.model.num_classes or None, getattr(self.images, "x", None))
 
     def close(self) -> None:
         """Leave a distributed run cleanly (see :meth:`Runtime.close`); a no-op in a single process."""
@@ -251,7 +264,7 @@ class Trainer:
 
     def _resume(self, path: Path | None) -> None:
         if path is not None:
-            ck = load_checkpoint(path)
+            ck = load_checkpoint(path, weights=not self.runtime.sharded)  # a sharded run reads its own slices
             run_folder.check_resume_config(ck["meta"].get("config", {}), self.cfg.to_dict())
             self.step, self.losses = state.restore(ck, self.objective, self.phases, self.posthoc)
         if self.rank == 0:
@@ -269,12 +282,7 @@ class Trainer:
         for i, row in enumerate(rows):
             what = divergence(row, self.losses, t.divergence_factor, t.divergence_window)
             if what:
-                last = find_latest(self.ckpt_dir) or "(none written yet)"
-                raise TrainingDivergedError(
-                    f"{what} at step {first + i}: training stopped. The last good checkpoint is {last}; lower "
-                    "train.lr, enable train.grad_clip or check the data for NaN/Inf (train.divergence_factor sets "
-                    "the spike check)."
-                )
+                raise diverged(what, first + i, self.ckpt_dir)
             self.losses.append(sum(row.values()))
         if log is not None:
             log.write(first, rows, next(iter(self.phases.values())).scheduler.get_last_lr()[0])

@@ -28,6 +28,7 @@ class Objective(nn.Module):
 
     name: str = "objective"
     phases: tuple[str, ...] = ("model",)
+    static_graph: bool = False  # the same parameters get gradients at every step (lets DDP plan its all-reduces once)
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
         """The parameters the optimizer of ``phase`` updates (frozen modules contribute none)."""
@@ -45,6 +46,10 @@ class Objective(nn.Module):
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Route the forward passes of the trainable modules through ``wrap(module)`` (DDP, ``torch.compile``).
         Only the forward path changes: parameters, EMA and saved weights stay with the unwrapped modules."""
+
+    def distribute_copies(self, shard: Callable[[nn.Module], nn.Module]) -> None:
+        """Apply ``shard`` (FSDP2) to the copies that follow the trained modules step by step (the EMA), so that
+        their parameters are split across the ranks as the trained ones are."""
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step with the new step count (EMA updates go here)."""

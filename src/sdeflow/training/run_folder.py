@@ -32,6 +32,8 @@ RESUMABLE_CHANGES = (
     "train.compile_mode",
     "train.compile_options",
     "train.attention_backend",
+    "train.activation_checkpointing",
+    "train.parallel.reshard_after_forward",
     "train.divergence_factor",
     "train.divergence_window",
     "sample",

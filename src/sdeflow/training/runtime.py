@@ -1,10 +1,12 @@
-"""Where a run executes: device, rank and world size under torchrun, and the DDP / compile wrapping of the
-modules that run forward passes."""
+"""Where a run executes: device, rank and world size under torchrun, and the wrapping of the modules that run
+forward passes: activation checkpointing, DDP or FSDP2 (``train.parallel``), then ``torch.compile``."""
 
 from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..models.layers import set_attention_backend
+from . import sharding
 
 __all__ = ["Runtime"]
 
@@ -32,12 +35,16 @@ def check_gpu(device: torch.device, local_rank: int, world: int) -> None:
 
 @dataclass
 class Runtime:
-    """Device and process group of this process (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+    """Device and process group of this process (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK). ``sharded``: an
+    FSDP2 run (then even one process gets a process group, of one rank, so the run and its checkpoints are the
+    same at every world size)."""
 
     device: torch.device
     rank: int = 0
     world: int = 1
-    ddp_modules: list[nn.Module] = field(default_factory=list)
+    sharded: bool = False
+    owns_group: bool = False
+    synced: list[nn.Module] = field(default_factory=list)  # DDP / FSDP modules whose gradient sync we control
 
     @classmethod
     def start(cls, t: TrainConfig) -> Runtime:
@@ -52,21 +59,34 @@ class Runtime:
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
             set_attention_backend(t.attention_backend, device)
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(device, rank, world)
+        sharded, owns = t.parallel.strategy == "fsdp", False
+        if (world > 1 or sharded) and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if world > 1:
+                dist.init_process_group(backend)
+            else:  # one process: a group of one rank, rendezvous in memory
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            owns = True
+        return cls(device, rank, world, sharded, owns)
 
-    def wrapper(self, t: TrainConfig):
-        """``wrap(module)``: DDP across the processes (recorded for ``no_sync``), then ``torch.compile``."""
+    def wrapper(self, t: TrainConfig, static_graph: bool = False):
+        """``wrap(module)``: activation checkpointing per block; then FSDP2 per block (``train.parallel``) or DDP
+        across the processes (``static_graph``: the same parameters get gradients at every step); then
+        ``torch.compile``. Wrapped modules are recorded for :meth:`accumulating`."""
 
         def wrap(module: nn.Module) -> nn.Module:
-            if self.world > 1:
+            if t.activation_checkpointing:
+                sharding.checkpoint_blocks(module)
+            if self.sharded:
+                module = sharding.shard(module, t, self.device)
+                self.synced.append(module)
+            elif self.world > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 # gradients live in the all-reduce buckets (no copy between them and .grad)
                 module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                             gradient_as_bucket_view=True)  # fmt: skip
-                self.ddp_modules.append(module)
+                             gradient_as_bucket_view=True, static_graph=static_graph)  # fmt: skip
+                self.synced.append(module)
             if not t.compile:
                 return module
             if t.compile_options:
@@ -75,13 +95,29 @@ class Runtime:
 
         return wrap
 
+    @contextmanager
+    def accumulating(self, skip_sync: bool) -> Iterator[None]:
+        """Inside, with ``skip_sync``, backward only accumulates local gradients: no all-reduce (DDP ``no_sync``)
+        or reduce-scatter (FSDP) until the last micro-batch of a step."""
+        if not skip_sync:
+            yield
+            return
+        with ExitStack() as stack:
+            for m in self.synced:
+                if self.sharded:
+                    m.set_requires_gradient_sync(False)
+                    stack.callback(m.set_requires_gradient_sync, True)
+                else:
+                    stack.enter_context(m.no_sync())
+            yield
+
     def close(self, release: callable) -> None:
         """Leave a distributed run cleanly: every rank waits for the others, the DDP wrappers (which hold the
         process group and its reducer) are released by ``release()``, then the group is destroyed; destroying
         it while DDP still referenced it could abort a rank at exit. A no-op in a single process."""
-        if self.world > 1 and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.barrier()
             release()
-            self.ddp_modules.clear()
+            self.synced.clear()
             gc.collect()
             dist.destroy_process_group()

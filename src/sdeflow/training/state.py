@@ -1,5 +1,6 @@
 """A run's checkpoints: everything needed to continue a run exactly (weights, EMA, every phase's optimizer, LR
-schedule and gradient scaler, RNG states, step, losses), written atomically by :mod:`sdeflow.checkpoint`."""
+schedule and gradient scaler, RNG states, step, losses), written atomically by :mod:`sdeflow.checkpoint`; a
+sharded run's weights, EMA and optimizer moments go through :mod:`.sharding` instead."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from ..checkpoint import check_finite, load_weights, save_checkpoint
 from ..config import ExperimentConfig
+from . import sharding
 from .objective import Objective
 from .optim import Phase
 from .posthoc_ema import PostHocEMA
@@ -29,13 +31,16 @@ def save(
     data_shape: tuple[int, ...],
     losses: list[float],
     posthoc: PostHocEMA | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write checkpoint ``step_<step>`` of the run under ``directory`` and prune to ``train.keep_last``;
-    ``posthoc``: the post-hoc EMA trackers' weights, kept in ``state.pt`` to resume them."""
+    ``posthoc``: the post-hoc EMA trackers' weights, kept in ``state.pt`` to resume them. ``sharded``: an FSDP
+    run's checkpoint, written by every rank together."""
     from .. import __version__
 
     state: dict[str, Any] = {
-        key: {name: getattr(p, attr).state_dict() for name, p in phases.items()} for key, attr in _PARTS
+        key: {name: getattr(p, attr).state_dict() for name, p in phases.items()}
+        for key, attr in _PARTS[int(sharded) :]  # a sharded run's optimizer state is sharded too
     }
     state.update(
         step=step,
@@ -54,6 +59,8 @@ def save(
         "sdeflow_version": __version__,
         **objective.meta(),
     }
+    if sharded:
+        return sharding.save(directory, step, cfg, objective, phases, state, meta)
     model, ema = objective.saved_modules()
     return save_checkpoint(directory, step, model, ema, state, meta, keep_last=cfg.train.keep_last)
 
@@ -63,15 +70,18 @@ def restore(
 ) -> tuple[int, list[float]]:
     """Load a checkpoint read by :func:`~sdeflow.checkpoint.load_checkpoint` into the objective's modules, the
     phases, the post-hoc EMA trackers and the RNGs; returns (step, losses)."""
-    path = Path(ck["path"])
-    model, ema = objective.saved_modules()
-    for name in ("model", "ema"):
-        check_finite(ck[name], str(path / f"{name}.safetensors"))
-    load_weights(model, ck["model"], str(path / "model.safetensors"))
-    if ema is not None:
-        load_weights(ema, ck["ema"], str(path / "ema.safetensors"))
-    st = ck["state"]
-    for key, attr in _PARTS:  # single-optimizer checkpoints of earlier versions: one state under a singular key
+    path, st = Path(ck["path"]), ck["state"]
+    sharded = bool(ck["meta"].get("sharded"))
+    if sharded:
+        sharding.restore(ck, objective, phases)
+    else:
+        model, ema = objective.saved_modules()
+        for name in ("model", "ema"):
+            check_finite(ck[name], str(path / f"{name}.safetensors"))
+        load_weights(model, ck["model"], str(path / "model.safetensors"))
+        if ema is not None:
+            load_weights(ema, ck["ema"], str(path / "ema.safetensors"))
+    for key, attr in _PARTS[int(sharded) :]:  # single-optimizer checkpoints of earlier versions: a singular key
         saved = st[key] if key in st else {objective.phases[0]: st[key[:-1]]}
         for name, p in phases.items():
             getattr(p, attr).load_state_dict(saved[name])
