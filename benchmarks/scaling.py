@@ -6,7 +6,9 @@ sdeflow's ``Trainer`` (bf16, compiled, channels-last UNet, fused AdamW, EMA) at 
 MNIST digits (32×32×3 for the UNet, 32×32×4 for the DiTs: the latent shape of 256-px images), times whole steps
 and reports rank 0's figures. Scaling efficiency = images/s on N GPUs ÷ (N × images/s on 1).
 
-    python benchmarks/scaling.py [--gpus 1,2] [--rows unet:ddp,dit-b:ddp,dit-b:fsdp,dit-xl:ddp,dit-xl:fsdp]
+    python benchmarks/scaling.py [--gpus 1,2] [--rows unet:ddp,...,dit-xl:fsdp,dit-xl:fsdp:ckpt]
+
+``:ckpt`` adds activation checkpointing to a row (its speed cost and memory saving).
 
 Writes ``scaling.{json,md}`` under ``--out`` (default benchmarks/results).
 """
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_models import mnist_npz
 from timing import RESULTS, count_flops, measured_bf16_peak
 
-ROWS = "unet:ddp,dit-b:ddp,dit-b:fsdp,dit-xl:ddp,dit-xl:fsdp"
+ROWS = "unet:ddp,dit-b:ddp,dit-b:fsdp,dit-xl:ddp,dit-xl:fsdp,dit-xl:fsdp:ckpt"
 MODELS = {  # per-GPU batch; the UNet is speed_train.py's DDPM++ (55.7 M)
     "unet": (["model.kind=unet", "model.preset=ddpmpp_cifar10", "model.kwargs={dropout: 0.0}"], 3, 128),
     "dit-b": (["model.kind=dit", "model.preset=DiT-B/2", "model.num_classes=1000"], 4, 256),
@@ -109,15 +111,20 @@ def worker(a: argparse.Namespace) -> None:
     tr.close()
 
 
-def run_row(model: str, strategy: str, gpus: int, a: argparse.Namespace) -> dict:
+def _key(r: dict) -> tuple:
+    return r["model"], r["strategy"], r["gpus"], r.get("activation_checkpointing", False)
+
+
+def run_row(model: str, strategy: str, gpus: int, a: argparse.Namespace, checkpointing: bool) -> dict:
     result = Path(tempfile.mkdtemp()) / "row.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__,
            "--worker", "--model", model, "--strategy", strategy, "--result", str(result), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--reps", str(a.reps), *(["--smoke"] if a.smoke else []),
-           *(["--checkpointing"] if a.checkpointing else [])]  # fmt: skip
+           *(["--checkpointing"] if checkpointing else [])]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    base = {"model": model, "strategy": strategy, "gpus": gpus, "wall_s": round(time.time() - t0, 1)}
+    base = {"model": model, "strategy": strategy, "gpus": gpus, "activation_checkpointing": checkpointing,
+            "wall_s": round(time.time() - t0, 1)}  # fmt: skip
     if proc.returncode or not result.is_file():
         errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "Error" in line and ": " in line]
         return base | {"error": (errors[0] if errors else proc.stderr[-600:])[:600]}
@@ -126,7 +133,7 @@ def run_row(model: str, strategy: str, gpus: int, a: argparse.Namespace) -> dict
 
 def write_report(out: Path, data: dict) -> None:
     rows, meta = data["rows"], data["meta"]
-    one = {(r["model"], r["strategy"]): r for r in rows if r.get("gpus") == 1 and "error" not in r}
+    one = {_key(r)[:2] + _key(r)[3:]: r for r in rows if r.get("gpus") == 1 and "error" not in r}
     lines = ["# Scaling: training on 1 and 2 GPUs", "",
              f"{meta['device']} × up to {meta['gpus_available']}, torch {meta['torch']}, {meta['date']}. "
              f"Command: `{meta['command']}`", "",
@@ -137,12 +144,18 @@ def write_report(out: Path, data: dict) -> None:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['strategy']} | {r['gpus']} | error: {r['error'][-120:]!r} |||||||")
             continue
-        base = one.get((r["model"], r["strategy"]))
+        base = one.get(_key(r)[:2] + _key(r)[3:])
         eff = f"{r['images_per_s'] / (r['gpus'] * base['images_per_s']):.2f}" if base else "–"
         ar = f"{r['allreduce_ms']:.1f}" if r.get("allreduce_ms") else "–"
-        lines.append(f"| {r['model']} ({r['params_M']} M) | {r['strategy']} | {r['gpus']} | {r['batch_per_gpu']} | "
-                     f"{r['images_per_s']:.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f} % | "
+        ckpt = " + act. checkpointing" if r.get("activation_checkpointing") else ""
+        lines.append(f"| {r['model']} ({r['params_M']} M) | {r['strategy']}{ckpt} | {r['gpus']} | "
+                     f"{r['batch_per_gpu']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f} % | "
                      f"{r['peak_mem_GiB_per_gpu']:.1f} | {eff} | {ar} |")  # fmt: skip
+    lines += [
+        "",
+        "On one GPU the ddp row is the plain single-process loop (no DDP wrapper) and fsdp a group of one rank. "
+        "Efficiency: images/s on N GPUs over N × images/s on one.",
+    ]
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
 
 
@@ -156,6 +169,8 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every row")
     ap.add_argument("--smoke", action="store_true", help="tiny models, CPU processes: checks the script only")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run that this one does not redo")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -171,15 +186,23 @@ def main() -> None:
             "gpus_available": available, "torch": torch.__version__,
             "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:])}  # fmt: skip
     data = {"meta": meta, "rows": []}
+    jfile = out / "scaling.json"
+    if (a.append or a.report_only) and jfile.is_file():  # one run per device call: the rows add up
+        data = json.loads(jfile.read_text())
+        if a.report_only:
+            return write_report(out, data)
+        data["meta"]["command"] += f"; then {meta['command']}"
     for gpus in (int(g) for g in a.gpus.split(",")):
         if gpus > available:
             print(f"{gpus} GPUs asked, {available} present: rows on {gpus} GPUs not run", flush=True)
             continue
         for row in a.rows.split(","):
-            model, strategy = row.split(":")
-            data["rows"].append(run_row(model, strategy, gpus, a))
+            model, strategy, *ckpt = row.split(":")  # model:strategy[:ckpt] (activation checkpointing)
+            key = (model, strategy, gpus, bool(ckpt) or a.checkpointing)
+            data["rows"] = [r for r in data["rows"] if _key(r) != key]
+            data["rows"].append(run_row(model, strategy, gpus, a, key[3]))
             print(json.dumps(data["rows"][-1]), flush=True)
-            (out / "scaling.json").write_text(json.dumps(data, indent=1))
+            jfile.write_text(json.dumps(data, indent=1))
     write_report(out, data)
     print((out / "scaling.md").read_text())
 

@@ -243,14 +243,16 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
     torch.manual_seed(0)
     net = build_network(load_config(None, BASE).model, (1, 8, 8))
     x, c = torch.randn(3, 1, 8, 8), torch.randn(3)
-    net(x, c, None).square().mean().backward()
-    plain = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
-    checkpoint_blocks(net)
     runs = []
     for b in blocks(net):
-        b.register_forward_pre_hook(lambda *_: runs.append(1))
+        for layer in b.children():
+            layer.register_forward_pre_hook(lambda *_: runs.append(1))
     net(x, c, None).square().mean().backward()
-    assert len(runs) == 2 * len(blocks(net))
+    plain, once, keys = {n: p.grad.clone() for n, p in net.named_parameters()}, len(runs), list(net.state_dict())
+    net.zero_grad()
+    checkpoint_blocks(net)
+    net(x, c, None).square().mean().backward()
+    assert once > 0 and len(runs) == 3 * once  # forward, then forward again inside backward
+    assert list(net.state_dict()) == keys
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -9,6 +9,7 @@ and the EMA work on the local slices unchanged (``lerp`` of two identically shar
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,13 @@ def blocks(net: nn.Module) -> list[nn.Module]:
 
 def checkpoint_blocks(net: nn.Module) -> None:
     """Activation checkpointing (Chen et al. 2016): each block keeps only its inputs and recomputes its
-    activations in backward, trading about a third more compute for memory that no longer grows with depth."""
-    from torch.distributed._composable import checkpoint
+    activations in backward, trading about a third more compute for memory that no longer grows with depth.
+    The block's own ``forward`` is checkpointed, so that FSDP's hooks around the block (gather before, free
+    after) stay outside the recomputation, as with a checkpoint wrapper, and the state-dict keys do not change."""
+    from torch.utils.checkpoint import checkpoint
 
     for block in blocks(net):
-        checkpoint(block)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _mesh(device: torch.device) -> Any:
