@@ -139,8 +139,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.objective = objective or build_objective(cfg, self.data_shape, autoencoder, cached, captions)
         self.objective.to(self.device)
-        if channels_last:  # NHWC: cuDNN's tensor-core convolutions work in this layout natively
-            self.objective.to(memory_format=torch.channels_last)
+        if channels_last and not rt.sharded:  # NHWC: cuDNN's tensor-core convolutions work in it natively (FSDP
+            self.objective.to(memory_format=torch.channels_last)  # shards contiguous weights: NHWC batches only)
         # DDP's static graph: the same parameters every step, and one backward per step (no_sync breaks it)
         self.objective.distribute(rt.wrapper(t, self.objective.static_graph and t.grad_accum == 1))
         if rt.sharded:  # the EMA is sharded as the network is
