@@ -131,6 +131,12 @@ def run_row(model: str, strategy: str, gpus: int, a: argparse.Namespace, checkpo
     return base | json.loads(result.read_text())
 
 
+def _others(r: dict) -> str:
+    """A row measured in several runs shows its lowest, and the others in brackets."""
+    others = [f"{v:.0f}" for v in sorted(r.get("runs_images_per_s", []))[1:]]
+    return f" ({', '.join(others)})" if others else ""
+
+
 def write_report(out: Path, data: dict) -> None:
     rows, meta = data["rows"], data["meta"]
     one = {_key(r)[:2] + _key(r)[3:]: r for r in rows if r.get("gpus") == 1 and "error" not in r}
@@ -149,7 +155,8 @@ def write_report(out: Path, data: dict) -> None:
         ar = f"{r['allreduce_ms']:.1f}" if r.get("allreduce_ms") else "–"
         ckpt = " + act. checkpointing" if r.get("activation_checkpointing") else ""
         lines.append(f"| {r['model']} ({r['params_M']} M) | {r['strategy']}{ckpt} | {r['gpus']} | "
-                     f"{r['batch_per_gpu']} | {r['images_per_s']:.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f} % | "
+                     f"{r['batch_per_gpu']} | {r['images_per_s']:.0f}{_others(r)} | {r['step_ms']:.1f} | "
+                     f"{100 * r['mfu']:.1f} % | "
                      f"{r['peak_mem_GiB_per_gpu']:.1f} | {eff} | {ar} |")  # fmt: skip
     lines += [
         "",

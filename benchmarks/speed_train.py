@@ -33,15 +33,16 @@ from speed_models import diffusers_dit, diffusers_unet, mnist_npz, size, use_tor
 from speed_tables import speed_tables
 from timing import Bench, count_flops, load_results, profile, profile_markdown, start, time_steps
 
-VARIANTS = {  # --rows key → variant; the last three compile long and run only when named
+VARIANTS = {  # --rows key → variant; the last four compile long and run only when named
     "eager": "eager",
     "compile": "compile",
     "fast": "compile, fast paths",
     "autotune": "compile, fast paths, max-autotune",
     "coord": "compile, fast paths, coordinate-descent tuning",
     "torchgn": "compile, fast paths, PyTorch GroupNorm",
+    "graphs": "compile, fast paths, CUDA graphs (reduce-overhead)",
 }
-ON_REQUEST = ("autotune", "coord", "torchgn")
+ON_REQUEST = ("autotune", "coord", "torchgn", "graphs")
 
 
 def sdeflow_trainer(
@@ -102,6 +103,7 @@ def sdeflow_trainer(
 def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Bench) -> dict:
     compiled, fast = variant != "eager", variant.startswith("compile, fast paths")
     mode = "max-autotune-no-cudagraphs" if "max-autotune" in variant else "default"
+    mode = "reduce-overhead" if "reduce-overhead" in variant else mode  # forward and backward replayed from graphs
     # coordinate descent: Inductor times neighbouring block sizes of each Triton kernel (the norms, GELU, ...)
     options = "{coordinate_descent_tuning: true}" if "coordinate-descent" in variant else "{}"
     dev = bench.device

@@ -189,14 +189,14 @@ class _Evil:
         return (os.system, ("touch pwned",))
 
 
-def test_sharded_index_refuses_code_and_tampering(fsdp_run, tmp_path):
+def test_sharded_index_refuses_code_and_tampering(fsdp_run, tmp_path, monkeypatch):
     root, _, _ = fsdp_run
     ck = tmp_path / "ck"
     shutil.copytree(find_latest(root / "fsdp" / "checkpoints"), ck)
     (ck / "sharded" / ".metadata").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(CheckpointError, match="SHA-256"):  # meta.json's checksums catch it first
         load_checkpoint(ck)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the crafted command would write
     with pytest.raises(CheckpointError, match=r"may not name (posix|os)\.system"):
         read_sharded(ck, prefix="model")
     assert not (tmp_path / "pwned").exists()
