@@ -4,6 +4,7 @@ CIFAR-size UNet. diffusers' ``DDIMPipeline`` (fp32 as shipped, bf16, bf16 with c
 weights, each compiled variant also replayed from CUDA graphs. The compiled rows carry a kernel profile of a batch.
 
     python benchmarks/speed_sample.py [--autotune] [--append]
+    python benchmarks/speed_sample.py --best 256,4,1 --append   # each library at its best, batch by batch
 
 Writes ``speed_sample.{json,md}`` and ``speed_sample_profile.md`` under ``--out`` (default benchmarks/results).
 """
@@ -133,6 +134,68 @@ def sampling_rows(bench: Bench, nfe: int = 20, autotune: bool = False) -> Iterat
         free()
 
 
+def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]:
+    """Each library at its best, batch by batch (batch 1 and 4: interactive latency): diffusers' UNet with the
+    speed recipe its documentation gives (bf16 weights, channels-last, fused QKV where offered, ``torch.compile``
+    with CUDA graphs (reduce-overhead, fullgraph), cuDNN autotuning) in its ``DDIMPipeline``, against sdeflow's DDIM
+    with bf16 weights, channels-last, compile and CUDA graphs. Each batch compiles afresh (no dynamic shapes)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser
+    from sdeflow.models import UNet
+    from sdeflow.models.layers import set_attention_backend
+
+    dev, cuda, s = bench.device, bench.device.type == "cuda", size("unet", bench.smoke)
+    torch.backends.cudnn.benchmark = cuda
+    for b in batches:
+        part = f"sample_best_b{b}"
+        torch._dynamo.reset()
+        set_attention_backend("default")
+        torch.manual_seed(0)
+        unet = diffusers_unet(bench.smoke).to(dev).eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+        fused = hasattr(unet, "fuse_qkv_projections")
+        if fused:
+            unet.fuse_qkv_projections()
+        n_diff = sum(p.numel() for p in unet.parameters())
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if cuda else None, fullgraph=True)
+        run = lambda p=pipe, b=b: p(batch_size=b, num_inference_steps=nfe, output_type="pt").images.float().cpu()  # noqa: E731
+        variant = "bf16 weights, channels-last, " + ("fused QKV, " if fused else "") + "compile (reduce-overhead)"
+        yield _best_row(run, bench, part, "diffusers", f"DDIMPipeline {variant}", n_diff, b, nfe)
+        del pipe, run, unet
+        free()
+        set_attention_backend("auto", dev)
+        process = VPDiscreteProcess()
+        net = UNet.preset(
+            "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
+        )
+        for p in net.parameters():  # a non-degenerate network (the output layer is zero-initialised)
+            torch.nn.init.normal_(p, std=0.02)
+        den = Denoiser(net.to(dev).eval(), process, "eps")
+        fast = accelerate_denoiser(den, "bf16", compile=True, channels_last=True, cast_weights=True)
+        fast = CUDAGraphDenoiser(fast) if cuda else fast
+        run = _ddim_run(fast, process, b, nfe, dev)
+        n_ours = sum(p.numel() for p in net.parameters())
+        yield _best_row(run, bench, part, "sdeflow", "ddim bf16 weights, channels-last, compile + CUDA graphs", n_ours,
+                        b, nfe)  # fmt: skip
+        del fast, den, net, run
+        free()
+
+
+def _ddim_run(model: Callable, process: object, b: int, nfe: int, dev: torch.device) -> Callable[[], torch.Tensor]:
+    from sdeflow import sample
+
+    return lambda: sample(model, (b, 3, 32, 32), process, "ddim", steps=nfe, seed=0, device=dev).samples.float().cpu()
+
+
+def _best_row(run: Callable, bench: Bench, part: str, lib: str, variant: str, params: int, b: int, nfe: int) -> dict:
+    m = time_steps(run, bench.device, 3, 1, bench.n(5, 1))  # warm-up: compile, graph recording, autotuning
+    return {"part": part, "library": lib, "variant": variant, "params_M": round(params / 1e6, 2), "batch": b,
+            "nfe": nfe, "images_per_s": b / m["sec"], "seconds_per_batch": m["sec"], "ms_per_image": m["sec"] / b * 1e3,
+            "spread": m["spread"], "peak_mem_GiB": m["mem"], "warmup_s": round(m["warmup_s"], 1)}  # fmt: skip
+
+
 def write_report(out: Path) -> None:
     metas, rows = load_results(out, "speed_sample")
     (out / "speed_sample.md").write_text(
@@ -145,6 +208,7 @@ def write_report(out: Path) -> None:
 
 def _args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--autotune", action="store_true", help="also sample with a max-autotune compilation")
+    ap.add_argument("--best", help="only each library at its best, at these batches (e.g. 256,4,1)")
 
 
 def main() -> None:
@@ -152,7 +216,8 @@ def main() -> None:
     if bench is None:
         return write_report(Path(args.out))
     try:
-        for r in sampling_rows(bench, autotune=args.autotune):
+        rows = best_rows(bench, [int(v) for v in args.best.split(",")]) if args.best else None
+        for r in rows or sampling_rows(bench, autotune=args.autotune):
             bench.add(r)
     except Exception as e:  # a failure outside one variant: recorded, the report still written
         bench.add({"part": "sample_unet", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})

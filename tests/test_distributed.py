@@ -134,14 +134,14 @@ def test_sharded_export_samples_the_same_images(fsdp_run, tmp_path):
     torch.testing.assert_close(single.objective.generate(*DRAW)[0], run["samples"], rtol=1e-4, atol=1e-4)
 
 
-def test_sharded_resume_on_one_and_four_ranks(tmp_path):
-    """Killed after step 2 on 2 ranks, resumed on 1 and on 4 processes: the next losses and the final weights are
-    those of one uninterrupted process."""
+def test_sharded_resume_on_the_same_and_other_world_sizes(tmp_path):
+    """Killed after step 2 on 2 ranks, resumed on 2, on 1 and on 4 processes: the next losses and the final
+    weights are those of one uninterrupted process."""
     steps = ["train.steps=4", "train.ckpt_every=2", "train.parallel.strategy=fsdp"]
     killed = _spawn(2, tmp_path / "run", *steps, stop_after=2)
     assert len(killed["losses"]) == 2
     single = _single(tmp_path / "single", "train.steps=4", "train.ckpt_every=2")
-    for world in (1, 4):
+    for world in (2, 1, 4):
         out = tmp_path / f"resumed{world}"
         shutil.copytree(tmp_path / "run", out)
         resumed = _spawn(world, out, *steps, resume=True)
