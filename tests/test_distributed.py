@@ -127,6 +127,9 @@ def test_sharded_export_samples_the_same_images(fsdp_run, tmp_path):
         "state.pt",
     ]
     m = sdeflow.load(exported)
+    direct = sdeflow.load(find_latest(root / "fsdp" / "checkpoints"))  # sampling reads a sharded checkpoint too
+    for (k, a), b in zip(m.denoiser.state_dict().items(), direct.denoiser.state_dict().values()):
+        assert torch.equal(a, b), k
     s = single.cfg.sample
     res = sample(m.denoiser, (DRAW[0], *m.data_shape), m.recipe.process, s.sampler, s.steps, s.schedule,
                  seed=DRAW[1])  # fmt: skip
