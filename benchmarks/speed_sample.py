@@ -22,19 +22,33 @@ from speed_tables import speed_tables
 from timing import Bench, forward_flops_per_image, free, load_results, profile, profile_markdown, start, time_steps
 
 
+def sdeflow_unet(bench: Bench) -> tuple:
+    """(process, ε-denoiser, parameter count) of sdeflow's benchmark UNet on the discrete VP chain, with weights
+    drawn N(0, 0.02²) so that the network is not degenerate (its output layer is zero-initialised)."""
+    from sdeflow import Denoiser, VPDiscreteProcess
+    from sdeflow.models import UNet
+
+    s = size("unet", bench.smoke)
+    net = UNet.preset(
+        "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
+    )
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    process = VPDiscreteProcess()
+    return process, Denoiser(net.to(bench.device).eval(), process, "eps"), sum(p.numel() for p in net.parameters())
+
+
 def sampling_rows(bench: Bench, nfe: int = 20, autotune: bool = False) -> Iterator[dict]:
     """Rows one by one (each is saved as it comes): diffusers' DDIMPipeline in fp32 and bf16, then sdeflow's
     DDIM eager / CUDA graphs / compile / both, and with ``autotune`` channels-last, bf16 weights and a
     max-autotune compilation. The compiled rows and diffusers' bf16 row carry a kernel profile of one batch."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser, sample
-    from sdeflow.models import UNet
+    from sdeflow import CUDAGraphDenoiser, accelerate_denoiser, sample
     from sdeflow.models.layers import set_attention_backend
 
     dev, peak = bench.device, bench.peak
     b = bench.n(256, 4)
-    s = size("unet", bench.smoke)
     reps = bench.n(3, 1)
 
     flops: dict[str, float] = {}  # per image and network evaluation, by library
@@ -81,14 +95,7 @@ def sampling_rows(bench: Bench, nfe: int = 20, autotune: bool = False) -> Iterat
     free()
 
     set_attention_backend("auto", dev)
-    process = VPDiscreteProcess()
-    net = UNet.preset(
-        "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
-    )
-    for p in net.parameters():  # a non-degenerate network (the output layer is zero-initialised)
-        torch.nn.init.normal_(p, std=0.02)
-    den = Denoiser(net.to(dev).eval(), process, "eps")
-    n_ours = sum(p.numel() for p in net.parameters())
+    process, den, n_ours = sdeflow_unet(bench)
     flops["sdeflow"] = forward_flops_per_image(lambda x: den(x, torch.ones(2, device=dev)), (3, 32, 32), dev)
     cuda = dev.type == "cuda"
 
@@ -141,11 +148,10 @@ def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]
     with bf16 weights, channels-last, compile and CUDA graphs. Each batch compiles afresh (no dynamic shapes)."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from sdeflow import CUDAGraphDenoiser, Denoiser, VPDiscreteProcess, accelerate_denoiser
-    from sdeflow.models import UNet
+    from sdeflow import CUDAGraphDenoiser, accelerate_denoiser
     from sdeflow.models.layers import set_attention_backend
 
-    dev, cuda, s = bench.device, bench.device.type == "cuda", size("unet", bench.smoke)
+    dev, cuda = bench.device, bench.device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda
     for b in batches:
         part = f"sample_best_b{b}"
@@ -166,20 +172,13 @@ def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]
         del pipe, run, unet
         free()
         set_attention_backend("auto", dev)
-        process = VPDiscreteProcess()
-        net = UNet.preset(
-            "ddpmpp_cifar10", dropout=0.0, model_channels=s["ch"], channel_mult=s["mult"], num_blocks=s["blocks"]
-        )
-        for p in net.parameters():  # a non-degenerate network (the output layer is zero-initialised)
-            torch.nn.init.normal_(p, std=0.02)
-        den = Denoiser(net.to(dev).eval(), process, "eps")
+        process, den, n_ours = sdeflow_unet(bench)
         fast = accelerate_denoiser(den, "bf16", compile=True, channels_last=True, cast_weights=True)
         fast = CUDAGraphDenoiser(fast) if cuda else fast
         run = _ddim_run(fast, process, b, nfe, dev)
-        n_ours = sum(p.numel() for p in net.parameters())
         yield _best_row(run, bench, part, "sdeflow", "ddim bf16 weights, channels-last, compile + CUDA graphs", n_ours,
                         b, nfe)  # fmt: skip
-        del fast, den, net, run
+        del fast, den, run
         free()
 
 
