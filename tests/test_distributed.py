@@ -126,6 +126,11 @@ def test_sharded_export_samples_the_same_images(fsdp_run, tmp_path):
         "model.safetensors",
         "state.pt",
     ]
+    source = find_latest(root / "fsdp" / "checkpoints")
+    for out in (tmp_path / "export", source.parent):  # again, or into the source's own folder: refused, nothing lost
+        with pytest.raises(CheckpointError, match="already exists"):
+            export_checkpoint(source, out)
+    assert load_checkpoint(source)["meta"]["sharded"] and load_checkpoint(exported)["meta"]["exported_from"]
     m = sdeflow.load(exported)
     direct = sdeflow.load(find_latest(root / "fsdp" / "checkpoints"))  # sampling reads a sharded checkpoint too
     for (k, a), b in zip(m.denoiser.state_dict().items(), direct.denoiser.state_dict().values()):

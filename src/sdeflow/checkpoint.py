@@ -309,7 +309,10 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     ``model.safetensors``, ``ema.safetensors`` and the same meta, which ``sdeflow sample`` and fine-tuning read on one
     process. The optimizer state is left behind (an export is for using the model, not resuming its run)."""
     ck = load_checkpoint(path)
+    step = int(ck["meta"]["step"])
+    target = Path(out) / f"step_{step:08d}"
+    if target.exists():  # never replace a checkpoint (the source itself, when out is its own folder)
+        raise CheckpointError(f"{target} already exists: export into another --out folder")
     meta = {k: v for k, v in ck["meta"].items() if k not in ("sha256", "sharded", "world_size", "step")}
     meta["exported_from"] = str(ck["path"])
-    step = int(ck["meta"]["step"])
     return save_checkpoint(out, step, ck["model"], ck["ema"], {"step": step}, meta)

@@ -239,7 +239,7 @@ class Trainer:
         sharded = self.runtime.sharded
         if self.rank != 0 and not sharded:
             return None
-        if not sharding.all_finite(self.objective.saved_modules(), collective=sharded):
+        if not sharding.all_finite((self.objective,), collective=sharded):  # every weight, EMA and frozen parts too
             raise TrainingDivergedError(
                 f"the weights are not finite at step {self.step}: training stopped without saving. The last good "
                 f"checkpoint is {find_latest(self.ckpt_dir) or '(none written yet)'}; lower train.lr."
