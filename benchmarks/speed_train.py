@@ -41,8 +41,9 @@ VARIANTS = {  # --rows key → variant; the last four compile long and run only 
     "coord": "compile, fast paths, coordinate-descent tuning",
     "torchgn": "compile, fast paths, PyTorch GroupNorm",
     "graphs": "compile, fast paths, CUDA graphs (reduce-overhead)",
+    "step": "compile, fast paths, whole step in one CUDA graph",
 }
-ON_REQUEST = ("autotune", "coord", "torchgn", "graphs")
+ON_REQUEST = ("autotune", "coord", "torchgn", "graphs", "step")
 
 
 def sdeflow_trainer(
@@ -54,9 +55,11 @@ def sdeflow_trainer(
     bench: Bench,
     mode: str = "default",
     options: str = "{}",
+    graph: bool = False,
 ):
     """sdeflow's Trainer on the benchmark model; ``fast``: channels-last, fused AdamW and cuDNN-first attention;
-    ``mode`` or ``options`` (Inductor options, YAML) go to torch.compile."""
+    ``mode`` or ``options`` (Inductor options, YAML) go to torch.compile; ``graph``: the whole step replayed
+    from one CUDA graph (``train.cuda_graph``)."""
     dev = bench.device
     from sdeflow.config import load_config
     from sdeflow.training import Trainer
@@ -89,6 +92,7 @@ def sdeflow_trainer(
             f"train.compile={str(compiled).lower()}",
             f"train.compile_mode={mode}",
             f"train.compile_options={options}",
+            f"train.cuda_graph={str(graph).lower()}",
             f"train.channels_last={str(fast and kind == 'unet').lower()}",
             f"train.fused_optimizer={str(fast).lower()}",
             f"train.attention_backend={'auto' if fast else 'default'}",
@@ -107,7 +111,8 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Benc
     # coordinate descent: Inductor times neighbouring block sizes of each Triton kernel (the norms, GELU, ...)
     options = "{coordinate_descent_tuning: true}" if "coordinate-descent" in variant else "{}"
     dev = bench.device
-    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, bench, mode, options)
+    graph = "one CUDA graph" in variant
+    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, bench, mode, options, graph)
     net = tr.objective.net
     if "PyTorch GroupNorm" in variant:  # compilation is lazy: the swap is seen by the first step
         use_torch_group_norm(net)
@@ -118,7 +123,8 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Benc
     with torch.autocast(dev.type, dtype=torch.bfloat16):
         flops = count_flops(lambda: net(x, t, y)) * b // len(x)
     net.zero_grad(set_to_none=True)
-    m = time_steps(tr.train_step, dev, bench.n(3, 1), bench.n(10, 2), bench.n(3, 1))
+    graphs = graph or mode == "reduce-overhead"
+    m = time_steps(tr.train_step, dev, bench.n(3, 1), bench.n(10, 2), bench.n(3, 1), graphs)
     row = _row(kind, "sdeflow", variant, net, b, m, flops, bench.peak)
     row["attention_backend"] = tr.cfg.train.attention_backend
     kernels = profile(tr.train_step, dev) if compiled and dev.type == "cuda" else None
@@ -220,6 +226,9 @@ def diffusers_tuned_row(kind: str, npz: Path, bench: Bench, compiled: bool) -> d
     torch.backends.cudnn.benchmark = True
     b = size(kind, bench.smoke)["batch"]
     model = (diffusers_unet(bench.smoke) if kind == "unet" else diffusers_dit(bench.smoke)).to(dev).train()
+    nhwc = compiled and kind == "unet"  # diffusers' speed recipe: channels-last weights and batches
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
     fwd = torch.compile(model) if compiled else model
     data = (torch.as_tensor(np.load(npz)["x"]).float() / 127.5 - 1).to(dev)
     labels = torch.as_tensor(np.load(npz)["y"]).to(dev)
@@ -238,7 +247,9 @@ def diffusers_tuned_row(kind: str, npz: Path, bench: Bench, compiled: bool) -> d
     def step() -> None:
         idx = torch.randint(0, len(data), (b,), device=dev, generator=gen)
         clean, y = data[idx], labels[idx]
+        clean = clean.contiguous(memory_format=torch.channels_last) if nhwc else clean
         noise = torch.randn(clean.shape, device=dev, generator=gen)
+        noise = noise.contiguous(memory_format=torch.channels_last) if nhwc else noise
         t = torch.randint(0, 1000, (b,), device=dev, generator=gen)
         noisy = scheduler.add_noise(clean, noise, t)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -255,7 +266,8 @@ def diffusers_tuned_row(kind: str, npz: Path, bench: Bench, compiled: bool) -> d
         flops = count_flops(lambda: call(x, t, labels[:8], model)) * b // 8
     optimizer.zero_grad(set_to_none=True)
     m = time_steps(step, dev, bench.n(3, 1), bench.n(10, 2), bench.n(3, 1))
-    variant = "plain loop, " + ("compile" if compiled else "eager") + " (data on GPU, fused AdamW, foreach EMA)"
+    variant = "plain loop, " + ("compile" if compiled else "eager") + (", channels-last" if nhwc else "")
+    variant += " (data on GPU, fused AdamW, foreach EMA)"
     return _row(kind, "diffusers", variant, model, b, m, flops, bench.peak)
 
 

@@ -106,6 +106,46 @@ def test_training_steps_replayed_from_cuda_graphs_match_the_compiled_steps(tmp_p
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_whole_step_cuda_graph_matches_the_eager_step_on_gpu(compiled, tmp_path):
+    """train.cuda_graph: the whole step (two micro-batches, clipping, fused AdamW with a warm-up LR schedule,
+    power EMA, or a fixed one with a start step) replayed from one CUDA graph gives the eager steps' losses, weights
+    and EMA, and resumes."""
+    ema = "{kind: fixed, decay: 0.9, start_step: 3}" if compiled else "{kind: power, std: 0.1}"
+    from sdeflow.config import load_config
+    from sdeflow.training import Trainer
+
+    def cfg(name, graph, *extra):
+        return load_config(None, [
+            f"out_dir={tmp_path / name}", "data.name=digits", "model.kind=unet", "model.preset=small",
+            "model.num_classes=10", "model.kwargs={dropout: 0.1}", "diffusion.recipe=edm", "train.steps=10",
+            "train.batch_size=64", "train.grad_accum=2", "train.label_dropout=0.2", "train.warmup_steps=4",
+            "train.lr=2e-3", "train.lr_schedule=cosine", f"train.ema={ema}", "train.ckpt_every=5",
+            f"train.compile={str(compiled).lower()}", "train.precision=bf16", f"train.cuda_graph={graph}",
+            "train.tensorboard=false", "sample.n=4", "sample.steps=4", *extra,
+        ])  # fmt: skip
+
+    eager = Trainer(cfg("eager", "false"), progress=False)
+    eager.fit()
+    graphed = Trainer(cfg("graphed", "true"), progress=False)
+    graphed.fit()
+    assert graphed.graphed.graph is not None
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-3, atol=1e-5)
+    for (k, a), b in zip(eager.objective.state_dict().items(), graphed.objective.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=k)  # network and EMA
+    lr = graphed.phases["model"].optimizer.param_groups[0]["lr"]
+    assert (
+        isinstance(lr, torch.Tensor)
+        and lr.is_cuda
+        and float(lr) == pytest.approx(eager.phases["model"].optimizer.param_groups[0]["lr"], rel=1e-6)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg("resumed", "true"), progress=False, stop_after=5).fit()
+    resumed = Trainer(cfg("resumed", "true"), resume=True, progress=False)
+    resumed.fit()
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(graphed.losses), rtol=2e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "sampler",
     [
@@ -191,6 +231,28 @@ def test_cuda_graph_and_compiled_denoisers_match_eager():
     fast = accelerate_denoiser(den, "bf16", compile=True, cuda_graphs=True)
     out = sample(fast, (8, 3, 16, 16), EDMProcess(), "dpmpp_2m", steps=6, cond=y, seed=0, device="cuda").samples
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp_2m", "euler_maruyama"])
+def test_whole_sampler_loop_in_one_cuda_graph_equals_sample(sampler):
+    """CUDAGraphSampler: the whole run (initial noise, every evaluation, the solver's arithmetic and, for
+    Euler–Maruyama, its fresh noise) replayed from one graph returns sample(..., seed=...)'s samples, for other
+    seeds and conditions than the captured ones, from one graph per shape."""
+    from sdeflow import CUDAGraphSampler, Denoiser, EDMProcess, sample
+    from sdeflow.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet.preset("small_attn", img_resolution=16, in_channels=3, model_channels=32, num_classes=4)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    den = Denoiser(net.cuda().eval(), EDMProcess())
+    graphed = CUDAGraphSampler(den, EDMProcess(), sampler, steps=6)
+    for seed, first in ((0, 1), (5, 2)):
+        y = (torch.arange(4, device="cuda") + first) % 4
+        ref = sample(den, (4, 3, 16, 16), EDMProcess(), sampler, steps=6, cond=y, seed=seed, device="cuda").samples
+        out = graphed((4, 3, 16, 16), cond=y, seed=seed)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(graphed.graphs) == 1
 
 
 def test_trainer_gpu_fast_paths(tmp_path):

@@ -56,3 +56,16 @@ def test_bad_settings_are_refused_by_name(kwargs, message):
 def test_edge_decays_are_accepted():
     assert EMA(one_weight(0.0), decay=0.0).beta(1) == 0.0
     assert EMA(one_weight(0.0), "power", decay=1.5).kind == "power"  # decay belongs to the fixed kind only
+
+
+def test_buffers_follow_the_model_after_the_ema_is_moved():
+    """``.to()`` replaces buffer tensors: the EMA's copies of the model's buffers must land in the moved ones (a
+    stale list would update the old tensors, and a CUDA-graph capture would copy across devices)."""
+    net = torch.nn.BatchNorm1d(3)
+    ema = EMA(net, "fixed", decay=0.5)
+    net.double()
+    ema.double()
+    net.running_mean.fill_(2.0)
+    ema.update(net, 1)
+    assert torch.equal(ema.model.running_mean, net.running_mean)
+    assert ema.model.running_mean.dtype == torch.float64

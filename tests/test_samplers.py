@@ -330,3 +330,13 @@ def test_adaptive_with_one_step_and_a_plain_function_get_clear_answers():
 
     with pytest.raises(TypeError, match=r"cannot be called as D\(x, sigma, cond\)"):
         sample(two_args, (4, 2), EDMProcess(), "euler", steps=2, seed=0)
+
+
+def test_cuda_graph_sampler_refuses_what_it_cannot_capture():
+    from sdeflow import CUDAGraphSampler, EDMProcess, GaussianMixture
+
+    gm = GaussianMixture.grid_2d(2, 1.0, 0.1)
+    with pytest.raises(ValueError, match="sampler 'adaptive' chooses its steps on the host"):
+        CUDAGraphSampler(gm, EDMProcess(), "adaptive")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        CUDAGraphSampler(gm, EDMProcess(), "heun", steps=4)((8, 2), device="cpu")

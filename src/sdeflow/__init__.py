@@ -26,7 +26,14 @@ from .core.process import (
     get_process,
     shift_time,
 )
-from .sampling import CUDAGraphDenoiser, SampleResult, accelerate_denoiser, cast_network_weights, sample
+from .sampling import (
+    CUDAGraphDenoiser,
+    CUDAGraphSampler,
+    SampleResult,
+    accelerate_denoiser,
+    cast_network_weights,
+    sample,
+)
 from .sampling.prompts import sample_prompts
 
 __version__ = "0.1.0"
@@ -37,6 +44,7 @@ __all__ = [
     "NULL_LABEL",
     "PARAMETERIZATIONS",
     "CUDAGraphDenoiser",
+    "CUDAGraphSampler",
     "Denoiser",
     "EDMProcess",
     "FlowProcess",

@@ -34,6 +34,7 @@ from .config_train import (
     EMAConfig,
     ParallelConfig,
     TrainConfig,
+    validate_cuda_graph,
     validate_parallel,
 )
 from .core.losses import RECIPES, SIGMA_SAMPLERS, WEIGHTINGS
@@ -350,6 +351,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_data_config(cfg.data)
     validate_objective(cfg)
     validate_parallel(cfg)
+    validate_cuda_graph(cfg, optimizer_class(cfg.train.optimizer))
     _at_least("text.max_length", cfg.text.max_length, 1)
     if cfg.text.encoder and cfg.model.num_classes:
         raise ConfigError("text.encoder and model.num_classes exclude each other: condition on prompts or on labels")

@@ -16,6 +16,7 @@ __all__ = [
     "EMAConfig",
     "ParallelConfig",
     "TrainConfig",
+    "validate_cuda_graph",
     "validate_parallel",
 ]
 
@@ -74,6 +75,8 @@ class TrainConfig:
     attention_backend: str = "auto"  # sdeflow.models.layers.ATTENTION_BACKENDS; auto: cuDNN on Hopper
     # recompute each block's activations in backward instead of keeping them: less memory, about a third more compute
     activation_checkpointing: bool = False
+    # replay the whole step (forward, backward, clipping, optimizer, EMA) from one CUDA graph: no host overhead
+    cuda_graph: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     label_dropout: float = 0.0
     num_workers: int = 0
@@ -87,6 +90,29 @@ class TrainConfig:
     # losses (checked once that many are known; 0 turns the spike check off; NaN/Inf always stop the run)
     divergence_factor: float = 1000.0
     divergence_window: int = 100
+
+
+def validate_cuda_graph(cfg: Any, optimizer: type) -> None:
+    """``train.cuda_graph``: what a captured step cannot hold is refused by name (the objective, the device and
+    the number of processes are checked when the trainer starts); ``optimizer``: the class ``train.optimizer``
+    names."""
+    t = cfg.train
+    if not t.cuda_graph:
+        return
+    why = []
+    if t.precision == "fp16":
+        why.append("train.precision fp16 (its loss scaler skips steps on the host: use bf16)")
+    if t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        why.append(f"train.compile_mode '{t.compile_mode}' (it replays graphs of its own: use default or "
+                   "max-autotune-no-cudagraphs)")  # fmt: skip
+    if "capturable" not in optimizer.__init__.__code__.co_varnames:
+        why.append(f"train.optimizer '{t.optimizer}' (its step cannot be captured: use adam or adamw)")
+    if t.parallel.strategy == "fsdp":
+        why.append("train.parallel.strategy 'fsdp'")
+    if cfg.finetune.prior_weight > 0:
+        why.append("finetune.prior_weight > 0 (the prior images are picked on the host)")
+    if why:
+        raise ConfigError("train.cuda_graph does not support " + "; ".join(why))
 
 
 def validate_parallel(cfg: Any) -> None:

@@ -3,6 +3,7 @@
 
 from .acceleration import PRECISIONS, CUDAGraphDenoiser, accelerate_denoiser, cast_network_weights
 from .generate import CountingDenoiser, SampleResult, check_denoiser, sample
+from .graphed import CUDAGraphSampler
 from .samplers import SAMPLERS, SPECS, SamplerSpec, default_schedule, get_spec, nfe_per_steps, steps_for_nfe
 from .schedules import SCHEDULES, get_schedule
 from .tokens import sample_codes
@@ -13,6 +14,7 @@ __all__ = [
     "SCHEDULES",
     "SPECS",
     "CUDAGraphDenoiser",
+    "CUDAGraphSampler",
     "CountingDenoiser",
     "SampleResult",
     "SamplerSpec",

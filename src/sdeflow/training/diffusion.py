@@ -223,12 +223,16 @@ class DiffusionObjective(Objective):
     def static_graph(self) -> bool:  # prior preservation runs the network twice before one backward
         return self.cfg.finetune.prior_weight == 0
 
+    @property
+    def graphable(self) -> bool:  # prior preservation picks its images on the host
+        return self.cfg.finetune.prior_weight == 0
+
     def distribute_copies(self, shard: Callable[[nn.Module], nn.Module]) -> None:
         if self.ema is not None:
             shard(self.ema.model)
             self.ema.refresh()
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int | Tensor) -> None:
         if self.ema is not None:
             self.ema.update(self.net, step)
 

@@ -45,8 +45,20 @@ class EMA(nn.Module):
         self._ema = (list(self.model.parameters()), list(self.model.buffers()))
         self._src: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def beta(self, step: int) -> float:
-        """The averaging coefficient after optimizer step ``step`` (1-based)."""
+    def _apply(self, fn, *args, **kwargs):  # nn.Module's hook under .to(), .cuda(), .double()
+        """``.to(device)`` replaces buffer tensors (parameters keep their objects): gather the lists again."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh()
+        return out
+
+    def beta(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """The averaging coefficient after optimizer step ``step`` (1-based); a tensor step (a CUDA-graphed
+        training step counts on the device) gives a tensor, computed with tensor operations only."""
+        if isinstance(step, torch.Tensor):
+            t = step.double() - self.start_step
+            if self.kind == "fixed":
+                return torch.where(t > 0, torch.full_like(t, self.decay), 0.0)  # a fill: no host copy
+            return torch.where(t > 1, (1 - 1 / t.clamp_min(1)) ** (self.gamma + 1), 0.0)
         if step <= self.start_step:
             return 0.0
         if self.kind == "fixed":
@@ -55,7 +67,7 @@ class EMA(nn.Module):
         return (1 - 1 / t) ** (self.gamma + 1) if t > 1 else 0.0
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int | torch.Tensor) -> None:
         beta = self.beta(step)
         if self._src is None or self._src[0] is not model:
             # the Parameter objects themselves (not detached views): they stay valid if .to() re-homes their data
@@ -63,6 +75,10 @@ class EMA(nn.Module):
         (ema_p, ema_b), (_, src_p, src_b) = self._ema, self._src
         # β = 0 copies: lerp with weight 1 returns its end point exactly (and, unlike copy, has a sharding rule for
         # the DTensors of an FSDP run)
-        torch._foreach_lerp_(ema_p, src_p, 1 - beta)
+        if isinstance(beta, torch.Tensor):  # one weight tensor for all: read on the device when a graph replays
+            weight = (1 - beta).to(ema_p[0].dtype)
+            torch._foreach_lerp_(ema_p, src_p, [weight] * len(ema_p))
+        else:
+            torch._foreach_lerp_(ema_p, src_p, 1 - beta)
         for b_ema, b in zip(ema_b, src_b):
             b_ema.copy_(b)

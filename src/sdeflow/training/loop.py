@@ -25,6 +25,7 @@ from ..config import PRECISIONS, ConfigError, ExperimentConfig, save_config
 from ..data import build_dataset
 from ..errors import TrainingDivergedError
 from . import run_folder, sharding, state
+from .graphed import GraphedStep
 from .latents import latent_data
 from .objective import Objective
 from .objectives import build_objective
@@ -153,9 +154,12 @@ class Trainer:
         self.losses: list[float] = []
         if resume:
             self._resume(find_latest(self.ckpt_dir) if resume is True else Path(resume))
+        self.graphed = GraphedStep(self) if t.cuda_graph else None  # captured at the first step
 
     def train_step(self) -> dict[str, Tensor]:
         """One optimizer step of every phase; returns the (global mean) loss of each phase, not synchronised."""
+        if self.graphed is not None:  # the whole step replayed from one CUDA graph
+            return self.graphed()
         t, amp = self.cfg.train, PRECISIONS[self.cfg.train.precision]
         out = {}
         for k, phase in enumerate(self.objective.phases):
@@ -164,7 +168,8 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for micro in range(t.grad_accum):
                 batch = self.stream.batch(self.step, micro, k)
-                torch.manual_seed(step_seed(self.cfg.seed, self.step, micro, k) + self.rank)  # dropout layers
+                if micro == 0:  # dropout layers: seeded once a step and phase (as a CUDA-graphed step is)
+                    torch.manual_seed(step_seed(self.cfg.seed, self.step, 0, k) + self.rank)
                 with self.runtime.accumulating(micro < t.grad_accum - 1):  # reduce once, on the last micro-batch
                     with torch.autocast(self.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = self.objective.loss(batch, phase)
@@ -219,12 +224,9 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
-        summary: dict[str, Any] = {
-            "steps": self.step,
-            "seconds": round(time.time() - t0, 2),
-            "final_loss": self.losses[-1] if self.losses else None,
-            "checkpoint": str(final) if final else None,
-        }
+        summary: dict[str, Any] = {"steps": self.step, "seconds": round(time.time() - t0, 2),
+                                   "final_loss": self.losses[-1] if self.losses else None,
+                                   "checkpoint": str(final) if final else None}  # fmt: skip
         figure = self.sample_figure(self.out / "samples.png") if self.losses else None
         if self.rank == 0 and self.losses:
             plot_losses(self.losses, self.out / "loss.png")
@@ -240,10 +242,7 @@ class Trainer:
         if self.rank != 0 and not sharded:
             return None
         if not sharding.all_finite((self.objective,), collective=sharded):  # every weight, EMA and frozen parts too
-            raise TrainingDivergedError(
-                f"the weights are not finite at step {self.step}: training stopped without saving. The last good "
-                f"checkpoint is {find_latest(self.ckpt_dir) or '(none written yet)'}; lower train.lr."
-            )
+            raise diverged("the weights are not finite (nothing saved)", self.step, self.ckpt_dir)
         run = (self.cfg, self.objective, self.phases, self.data_shape, self.losses, self.posthoc, sharded)
         path = state.save(self.ckpt_dir, self.step, *run)
         return path if self.rank == 0 else None
@@ -285,4 +284,4 @@ class Trainer:
                 raise diverged(what, first + i, self.ckpt_dir)
             self.losses.append(sum(row.values()))
         if log is not None:
-            log.write(first, rows, next(iter(self.phases.values())).scheduler.get_last_lr()[0])
+            log.write(first, rows, float(next(iter(self.phases.values())).scheduler.get_last_lr()[0]))

@@ -29,6 +29,9 @@ class Objective(nn.Module):
     name: str = "objective"
     phases: tuple[str, ...] = ("model",)
     static_graph: bool = False  # the same parameters get gradients at every step (lets DDP plan its all-reduces once)
+    # one phase whose loss has fixed shapes, no host synchronisation and no branch on batch.step: train.cuda_graph
+    # can capture its step (and then calls after_step with the step count as a device tensor)
+    graphable: bool = False
 
     def parameters_for(self, phase: str) -> list[nn.Parameter]:
         """The parameters the optimizer of ``phase`` updates (frozen modules contribute none)."""

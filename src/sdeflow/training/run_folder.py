@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "train.compile_options",
     "train.attention_backend",
     "train.activation_checkpointing",
+    "train.cuda_graph",
     "train.parallel.reshard_after_forward",
     "train.divergence_factor",
     "train.divergence_window",

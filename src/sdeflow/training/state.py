@@ -22,6 +22,20 @@ __all__ = ["restore", "save"]
 _PARTS = (("optimizers", "optimizer"), ("lr_schedulers", "scheduler"), ("scalers", "scaler"))
 
 
+def portable(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's or LR schedule's state dict as an eager run holds it: a CUDA-graphed run's device LR
+    tensors and capturable flag (see :mod:`.graphed`) become floats and False, so any run can resume from it."""
+    for group in state.get("param_groups", ()):
+        for key in ("lr", "initial_lr"):
+            if isinstance(group.get(key), torch.Tensor):
+                group[key] = float(group[key])
+        if "capturable" in group:
+            group["capturable"] = False
+    if "_last_lr" in state:
+        state["_last_lr"] = [float(v) for v in state["_last_lr"]]
+    return state
+
+
 def save(
     directory: Path,
     step: int,
@@ -39,7 +53,7 @@ def save(
     from .. import __version__
 
     state: dict[str, Any] = {
-        key: {name: getattr(p, attr).state_dict() for name, p in phases.items()}
+        key: {name: portable(getattr(p, attr).state_dict()) for name, p in phases.items()}
         for key, attr in _PARTS[int(sharded) :]  # a sharded run's optimizer state is sharded too
     }
     state.update(

@@ -106,19 +106,30 @@ class BatchStream:
 
     def batch(self, step: int, micro: int, phase: int = 0) -> Batch:
         """This rank's share of micro-batch ``micro`` of optimizer step ``step``."""
+        g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, micro, phase))
+        return self.gather(self.rows_of(step, micro), g, step)
+
+    def rows_of(self, step: int, micro: int) -> Tensor:
+        """Dataset indices of this rank's rows of micro-batch ``micro`` of step ``step`` (on the data's device)."""
         rows = slice(self.rank * self.local, (self.rank + 1) * self.local)
         idx = self.indices((step * self.grad_accum + micro) * self.micro, self.micro)[rows]
+        data = getattr(self.dataset, "x", None)
+        return idx.to(data.device) if isinstance(data, Tensor) else idx
+
+    def gather(self, idx: Tensor, g: torch.Generator, step: int = 0) -> Batch:
+        """The batch of dataset rows ``idx`` with its random numbers from ``g`` (seeded for its step and
+        micro-batch): flips and label dropout here, σ and ε in the objective. For in-memory data it issues GPU
+        work only, so a CUDA graph can capture it with ``idx`` and ``g`` as its inputs."""
+        rows = slice(self.rank * self.local, (self.rank + 1) * self.local)
         ds = self.dataset
         noise = None
         if hasattr(ds, "x") and hasattr(ds, "y"):
-            idx = idx.to(ds.x.device)
             x, y = ds.x[idx], ds.y[idx]
             if getattr(ds, "noise", None) is not None:  # couplings: the noise each sample was drawn from
                 noise = self._layout(ds.noise[idx].to(self.device, non_blocking=True))
         else:
             items = [ds[int(i)] for i in idx]
             x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
-        g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, micro, phase))
         u = torch.rand((2, self.micro), generator=g, device=self.device)[:, rows]  # label dropout, flips
         x = x.to(self.device, non_blocking=True)
         if getattr(ds, "horizontal_flip", False) and x.ndim == 4:
