@@ -149,7 +149,7 @@ def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from sdeflow import CUDAGraphDenoiser, CUDAGraphSampler, accelerate_denoiser
-    from sdeflow.models.layers import set_attention_backend
+    from sdeflow.models.layers import set_attention_backend, set_norm_backend
 
     dev, cuda = bench.device, bench.device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda
@@ -177,11 +177,17 @@ def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]
         run = _ddim_run(CUDAGraphDenoiser(fast) if cuda else fast, process, b, nfe, dev)
         yield _best_row(run, bench, part, "sdeflow", "ddim bf16 weights, channels-last, compile + CUDA graphs", n_ours,
                         b, nfe)  # fmt: skip
-        if cuda:  # the whole loop, solver arithmetic included, in one graph
-            whole = CUDAGraphSampler(fast, process, "ddim", steps=nfe)
-            run = lambda w=whole, b=b: w((b, 3, 32, 32), seed=0).float().cpu()  # noqa: E731
-            variant = "ddim bf16 weights, channels-last, compile, whole sampler loop in one CUDA graph"
-            yield _best_row(run, bench, part, "sdeflow", variant, n_ours, b, nfe)
+        if cuda:  # the whole loop, solver arithmetic included, in one graph; GroupNorm as our Triton operator
+            # (the default on CUDA) and as Inductor compiles our PyTorch formulation of it
+            for norms, label in (("auto", ""), ("torch", ", norms by Inductor")):
+                old_norms = set_norm_backend(norms)
+                fast = accelerate_denoiser(den, "bf16", compile=True, channels_last=True, cast_weights=True)
+                whole = CUDAGraphSampler(fast, process, "ddim", steps=nfe)
+                run = lambda w=whole, b=b: w((b, 3, 32, 32), seed=0).float().cpu()  # noqa: E731
+                variant = f"ddim bf16 weights, channels-last, compile, whole sampler loop in one CUDA graph{label}"
+                yield _best_row(run, bench, part, "sdeflow", variant, n_ours, b, nfe)
+                set_norm_backend(old_norms)
+                del whole
         del fast, den, run
         free()
 

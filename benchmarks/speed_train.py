@@ -42,8 +42,9 @@ VARIANTS = {  # --rows key → variant; the last four compile long and run only 
     "torchgn": "compile, fast paths, PyTorch GroupNorm",
     "graphs": "compile, fast paths, CUDA graphs (reduce-overhead)",
     "step": "compile, fast paths, whole step in one CUDA graph",
+    "stepinductor": "compile, fast paths, whole step in one CUDA graph, norms by Inductor",
 }
-ON_REQUEST = ("autotune", "coord", "torchgn", "graphs", "step")
+ON_REQUEST = ("autotune", "coord", "torchgn", "graphs", "step", "stepinductor")
 
 
 def sdeflow_trainer(
@@ -110,8 +111,22 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Benc
     mode = "reduce-overhead" if "reduce-overhead" in variant else mode  # forward and backward replayed from graphs
     # coordinate descent: Inductor times neighbouring block sizes of each Triton kernel (the norms, GELU, ...)
     options = "{coordinate_descent_tuning: true}" if "coordinate-descent" in variant else "{}"
-    dev = bench.device
     graph = "one CUDA graph" in variant
+    from sdeflow.models.layers import set_norm_backend
+
+    # "norms by Inductor": our PyTorch formulation of GroupNorm compiled by Inductor instead of our Triton operator
+    old_norms = set_norm_backend("torch" if "norms by Inductor" in variant else "auto")
+    try:
+        return _sdeflow_train_row(kind, variant, npz, tmp, bench, compiled, fast, mode, options, graph)
+    finally:
+        set_norm_backend(old_norms)
+
+
+def _sdeflow_train_row(
+    kind: str, variant: str, npz: Path, tmp: Path, bench: Bench, compiled: bool, fast: bool, mode: str, options: str,
+    graph: bool,
+) -> dict:  # fmt: skip
+    dev = bench.device
     tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, bench, mode, options, graph)
     net = tr.objective.net
     if "PyTorch GroupNorm" in variant:  # compilation is lazy: the swap is seen by the first step

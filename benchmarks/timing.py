@@ -109,6 +109,7 @@ def free() -> None:
 
 CATEGORIES = (  # first match wins
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("our Triton kernels (GroupNorm + neighbours)", ("group_norm_act",)),
     ("fused elementwise / norms (Triton)", ("triton",)),
     ("copies / memsets / layout transposes", ("memcpy", "memset", "copy", "nchwtonhwc", "nhwctonchw")),
     ("matmul / conv (cuBLAS, cuDNN, CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "conv", "sm90", "sm80", "cudnn")),

@@ -11,6 +11,9 @@ import torch
 # and mutmut's time-outs count CPU seconds, which extra threads would inflate.
 UNDER_MUTMUT = Path.cwd().name == "mutants"
 torch.set_num_threads(1 if UNDER_MUTMUT else max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, our Triton kernels are tested in Triton's interpreter, which must be chosen before Triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -170,6 +170,7 @@ def test_config_errors_name_the_key(tmp_path):
         ("data.name=cifar11", ValueError, "unknown dataset 'cifar11'"),
         ("data.name=cifar10", ValueError, "data.path is required"),
         ("train.attention_backend=fastest", ConfigError, "train.attention_backend"),
+        ("train.norm_backend=apex", ConfigError, "train.norm_backend"),
         ("train.compile_mode=turbo", ConfigError, "train.compile_mode"),
         ("train.compile_options={warp_speed: true}", ConfigError, r"unknown Inductor option\(s\) \['warp_speed'\]"),
         ("train.compile_options=[1]", ConfigError, "train.compile_options: expected a mapping"),

@@ -42,7 +42,7 @@ from .core.preconditioning import PARAMETERIZATIONS
 from .core.process import PROCESSES
 from .data import check_data_config
 from .errors import ConfigError
-from .models.layers import ATTENTION_BACKENDS
+from .models.layers import ATTENTION_BACKENDS, NORM_BACKENDS
 from .sampling.acceleration import PRECISIONS
 from .sampling.samplers import SPECS
 from .sampling.schedules import SCHEDULES
@@ -297,6 +297,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     _one_of("train.precision", t.precision, PRECISIONS)
     _one_of("train.attention_backend", t.attention_backend, ATTENTION_BACKENDS)
+    _one_of("train.norm_backend", t.norm_backend, NORM_BACKENDS)
     _one_of("train.compile_mode", t.compile_mode, COMPILE_MODES)
     _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _one_of("train.ema.kind", t.ema.kind, EMA_KINDS)

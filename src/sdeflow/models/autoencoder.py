@@ -55,7 +55,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        h = self.conv2(self.norm2(self.conv1(self.norm1(x, act=True)), act=True))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -135,7 +135,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for stage in self.down_blocks:
             x = stage(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(self.conv_norm_out(self.mid_block(x), act=True))
 
 
 class Decoder(nn.Module):
@@ -155,7 +155,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for stage in self.up_blocks:
             x = stage(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, act=True))
 
 
 class Autoencoder(nn.Module):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "NORM_BACKENDS",
     "FourierEmbedding",
     "GroupNorm",
     "LabelEmbedding",
@@ -25,6 +26,7 @@ __all__ = [
     "attention_reference",
     "group_norm_channels_last",
     "set_attention_backend",
+    "set_norm_backend",
 ]
 
 ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
@@ -201,17 +203,68 @@ def group_norm_channels_last(
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state dict) that keeps channels-last activations channels-last.
+    """``nn.GroupNorm`` (same parameters and state dict) that keeps channels-last activations channels-last and
+    takes its neighbours in the UNet along: ``norm(x, pre, scale, shift, act)`` is
 
-    Channels-last 4-D inputs go through :func:`group_norm_channels_last`; others through ``F.group_norm``. Why:
-    PyTorch's GroupNorm views NHWC activations as (N, G, C/G·H·W), which reads memory out of order and hands
-    cuDNN's convolution backward gradients in the wrong layout, which it then copies (measured in
-    ``benchmarks/speed_norm.py`` and ``speed_train.py``)."""
+        silu((GN(x + pre)·γ + β)·(1 + scale) + shift),   ``pre``, ``scale``, ``shift`` of shape (N, C),
 
-    def forward(self, x: Tensor) -> Tensor:
+    each part optional (``act=False``: no SiLU). On CUDA channels-last inputs it runs as one fused Triton
+    operator (:mod:`sdeflow.models.kernels`, :func:`set_norm_backend`); elsewhere channels-last 4-D inputs go
+    through :func:`group_norm_channels_last` and others through ``F.group_norm``. Why: PyTorch's GroupNorm views
+    NHWC activations as (N, G, C/G·H·W), which reads memory out of order and hands cuDNN's convolution backward
+    gradients in the wrong layout (``benchmarks/speed_norm.py``). Under autocast the fused operator writes the
+    autocast dtype, which every convolution that reads it would cast to anyway."""
+
+    def forward(
+        self,
+        x: Tensor,
+        pre: Tensor | None = None,
+        scale: Tensor | None = None,
+        shift: Tensor | None = None,
+        act: bool = False,
+    ) -> Tensor:
+        if self._fused(x):
+            from .kernels import group_norm_act_triton
+
+            fast = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type)
+            out = x.dtype if fast else torch.promote_types(x.dtype, self.weight.dtype)
+            return group_norm_act_triton(
+                x, self.num_groups, self.weight, self.bias, self.eps, pre, scale, shift, act, out
+            )
+        if pre is not None:
+            x = x + pre[:, :, None, None]
         if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x)
+            y = group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        else:
+            y = super().forward(x)
+        if scale is not None:
+            y = torch.addcmul(shift[:, :, None, None], y, scale[:, :, None, None] + 1)  # type: ignore[index]
+        return F.silu(y) if act else y
+
+    def _fused(self, x: Tensor) -> bool:
+        from .kernels import interpreted, supported, triton_available
+
+        if _NORM_BACKEND == "torch" or self.weight is None:
+            return False
+        if x.device.type != "cuda" and (_NORM_BACKEND == "auto" or not interpreted()):
+            return False
+        return triton_available() and supported(x, self.num_groups)
+
+
+NORM_BACKENDS = ("auto", "triton", "torch")
+_NORM_BACKEND = "auto"
+
+
+def set_norm_backend(name: str = "auto") -> str:
+    """Which group normalisation :class:`GroupNorm` runs: ``"auto"`` (the fused Triton operator on CUDA
+    channels-last inputs it supports, PyTorch's elsewhere), ``"torch"`` (always PyTorch's), or ``"triton"`` (the
+    Triton operator wherever it supports the input, CPU tensors included under Triton's interpreter: for tests).
+    Process-wide; read when a graph is traced. Returns the previous setting."""
+    global _NORM_BACKEND
+    if name not in NORM_BACKENDS:
+        raise ValueError(f"unknown norm backend '{name}'; choose one of {NORM_BACKENDS}")
+    old, _NORM_BACKEND = _NORM_BACKEND, name
+    return old
 
 
 class RMSNorm(nn.Module):

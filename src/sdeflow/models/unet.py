@@ -93,13 +93,13 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, text: TextCondition | None = None) -> Tensor:
         orig = x
-        x = self.conv0(self._resample(F.silu(self.norm0(x))))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        x = self.conv0(self._resample(self.norm0(x, act=True)))
+        params = self.affine(emb).to(x.dtype)
         if self.scale_shift:
             scale, shift = params.chunk(2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = self.norm1(x, scale=scale, shift=shift, act=True)
         else:
-            x = F.silu(self.norm1(x + params))
+            x = self.norm1(x, pre=params, act=True)
         x = self.conv1(self.dropout(x))
         skip = self._resample(orig)
         x = (x + (self.skip(skip) if self.skip is not None else skip)) * self.skip_scale
@@ -227,7 +227,7 @@ class UNet(nn.Module):
             x = m(x, emb, text)
             if residuals is not None and name == last_middle:
                 x = x + residuals[1]
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return self.out_conv(self.out_norm(x, act=True))
 
     PRESETS: dict[str, dict[str, Any]] = {  # noqa: RUF012
         "ddpmpp_cifar10": dict(

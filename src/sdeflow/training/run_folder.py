@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = (
     "train.compile_mode",
     "train.compile_options",
     "train.attention_backend",
+    "train.norm_backend",
     "train.activation_checkpointing",
     "train.cuda_graph",
     "train.parallel.reshard_after_forward",

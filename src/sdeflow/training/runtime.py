@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..models.layers import set_attention_backend
+from ..models.layers import set_attention_backend, set_norm_backend
 from . import sharding
 
 __all__ = ["Runtime"]
@@ -59,6 +59,7 @@ class Runtime:
             torch.cuda.set_device(device)
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
             set_attention_backend(t.attention_backend, device)
+        set_norm_backend(t.norm_backend)
         sharded, owns = t.parallel.strategy == "fsdp", False
         if (world > 1 or sharded) and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
