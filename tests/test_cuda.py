@@ -343,7 +343,7 @@ def test_triton_group_norm_act_on_gpu(pre, mod, act):
     """The fused operator compiled for the GPU, with the UNet's neighbours (additive embedding, scale-shift, SiLU):
     values and every gradient against PyTorch's operators in fp32; the same kernel under torch.compile (fullgraph)
     and inside a CUDA graph gives the same bits as eager."""
-    from sdeflow.models.kernels import group_norm_act_reference, group_norm_act_triton
+    from sdeflow.models.kernels import group_norm_act
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, c, h, w = 8, 256, 16, 16
@@ -358,24 +358,22 @@ def test_triton_group_norm_act_on_gpu(pre, mod, act):
             "shift": torch.randn(n, c, device="cuda"),
         }
     leaves = [t.requires_grad_() for t in (x, weight, bias, *extra.values())]
-    y = group_norm_act_triton(x, 32, weight, bias, 1e-6, act=act, **extra)
-    ref = group_norm_act_reference(x, 32, weight, bias, 1e-6, act=act, **extra)
+    y = group_norm_act(x, 32, weight, bias, 1e-6, act=act, **extra)
+    ref = group_norm_act(x, 32, weight, bias, 1e-6, act=act, **extra, reference=True)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     dy = torch.randn(y.shape, device="cuda", generator=g)
     for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
-    compiled = torch.compile(
-        lambda v: group_norm_act_triton(v, 32, weight, bias, 1e-6, act=act, **extra), fullgraph=True
-    )
+    compiled = torch.compile(lambda v: group_norm_act(v, 32, weight, bias, 1e-6, act=act, **extra), fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x), y.detach())
         graph, static = torch.cuda.CUDAGraph(), x.detach().clone(memory_format=torch.channels_last)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            out = group_norm_act_triton(static, 32, weight, bias, 1e-6, act=act, **extra)
+            out = group_norm_act(static, 32, weight, bias, 1e-6, act=act, **extra)
         static.copy_(x.detach() * 0.5)
         graph.replay()
-        assert torch.equal(out, group_norm_act_triton(x.detach() * 0.5, 32, weight, bias, 1e-6, act=act, **extra))
+        assert torch.equal(out, group_norm_act(x.detach() * 0.5, 32, weight, bias, 1e-6, act=act, **extra))
 
 
 @pytest.mark.parametrize("config", ["shapes_unet_text", "shapes_mmdit"])

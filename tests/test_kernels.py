@@ -10,8 +10,7 @@ triton = pytest.importorskip("triton")
 from sdeflow.models import UNet  # noqa: E402
 from sdeflow.models.kernels import group_norm as gn_module  # noqa: E402
 from sdeflow.models.kernels import (  # noqa: E402
-    group_norm_act_reference,
-    group_norm_act_triton,
+    group_norm_act,
     interpreted,
     supported,
 )
@@ -57,8 +56,8 @@ def test_group_norm_act_equals_pytorch_with_every_gradient(shape, groups, pre, m
         monkeypatch.setattr(gn_module, "REGISTER_TILE", 1 << 20)
     assert gn_module._blocks(shape[1], groups, shape[2] * shape[3])["ONE_PASS"] == (tiles == "registers")
     x, weight, bias, extra = _inputs(*shape, pre, mod)
-    y = group_norm_act_triton(x, groups, weight, bias, 1e-6, act=act, **extra)
-    ref = group_norm_act_reference(x, groups, weight, bias, 1e-6, act=act, **extra)
+    y = group_norm_act(x, groups, weight, bias, 1e-6, act=act, **extra)
+    ref = group_norm_act(x, groups, weight, bias, 1e-6, act=act, **extra, reference=True)
     assert y.is_contiguous(memory_format=CL) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
@@ -77,7 +76,7 @@ def test_group_norm_statistics_hold_for_a_large_mean(one_pass, monkeypatch):
     monkeypatch.setattr(gn_module, "ONE_PASS", one_pass)
     monkeypatch.setattr(gn_module, "REGISTER_TILE", 1 << 20)
     x, weight, bias, _ = _inputs(2, 32, 16, 16, False, False, mean=1000.0, std=1.0)
-    y = group_norm_act_triton(x.detach().double().float(), 8, weight, bias, 1e-6, act=False)
+    y = group_norm_act(x.detach().double().float(), 8, weight, bias, 1e-6, act=False)
     ref = F.group_norm(x.detach().double(), 8, weight.detach().double(), bias.detach().double(), 1e-6)
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
 
@@ -90,7 +89,7 @@ def test_hand_computed_group_norm_silu():
     xhat = (x - 3.0) / (5.0 + 1e-6) ** 0.5
     z = 2 * (xhat * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1) + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1))
     z = z + torch.tensor([0.5, 0.0]).view(1, 2, 1, 1)
-    y = group_norm_act_triton(
+    y = group_norm_act(
         x, 1, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), 1e-6,
         scale=torch.ones(1, 2), shift=torch.tensor([[0.5, 0.0]]), act=True,
     )  # fmt: skip
@@ -150,7 +149,7 @@ def test_backend_choice_and_fallbacks():
     with pytest.raises(ValueError, match="unknown norm backend 'fast'"):
         set_norm_backend("fast")
     with pytest.raises(ValueError, match="scale and shift come together"):
-        group_norm_act_triton(
+        group_norm_act(
             x[:, :64].contiguous(memory_format=CL), 16, torch.ones(64), torch.zeros(64), 1e-6, scale=torch.ones(2, 64)
         )
 

@@ -224,13 +224,11 @@ class GroupNorm(nn.GroupNorm):
         act: bool = False,
     ) -> Tensor:
         if self._fused(x):
-            from .kernels import group_norm_act_triton
+            from .kernels import group_norm_act
 
             fast = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type)
             out = x.dtype if fast else torch.promote_types(x.dtype, self.weight.dtype)
-            return group_norm_act_triton(
-                x, self.num_groups, self.weight, self.bias, self.eps, pre, scale, shift, act, out
-            )
+            return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, pre, scale, shift, act, out)
         if pre is not None:
             x = x + pre[:, :, None, None]
         if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

@@ -1,7 +1,8 @@
 """``sdeflow::group_norm_act``: fused group normalisation (+ per-sample bias, scale-shift, SiLU) as a PyTorch
 custom operator with its own backward, so it runs in eager mode, under ``torch.compile`` (an opaque node) and
 inside CUDA graphs. The maths and the kernels: :mod:`.group_norm_triton`; the reference it must equal:
-:func:`group_norm_act_reference`. :meth:`sdeflow.models.layers.GroupNorm.forward` decides when to use it.
+:func:`group_norm_act` with ``reference=True``. :meth:`sdeflow.models.layers.GroupNorm.forward` decides when to
+use it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_norm_act_reference", "group_norm_act_triton", "interpreted", "supported", "triton_available"]
+__all__ = ["group_norm_act", "interpreted", "supported", "triton_available"]
 
 _CL = torch.channels_last
 
@@ -69,19 +70,7 @@ def supported(x: Tensor, groups: int) -> bool:
     )
 
 
-def group_norm_act_reference(
-    x: Tensor,
-    groups: int,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float,
-    pre: Tensor | None = None,
-    scale: Tensor | None = None,
-    shift: Tensor | None = None,
-    act: bool = True,
-) -> Tensor:
-    """silu((GN(x + pre)·γ + β)·(1 + scale) + shift) in fp32, from PyTorch's own ``F.group_norm``; ``pre``,
-    ``scale`` and ``shift`` are (N, C). The answer the kernels must give."""
+def _reference(x, groups, weight, bias, eps, pre, scale, shift, act) -> Tensor:
     u = x.float() if pre is None else x.float() + pre.float()[:, :, None, None]
     z = F.group_norm(u.contiguous(), groups, weight.float(), bias.float(), eps)
     if scale is not None:
@@ -139,20 +128,14 @@ def _(x, weight, bias, pre, scale, shift, groups, eps, act, out_dtype):
     return torch.empty_like(x, dtype=out_dtype, memory_format=_CL), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("sdeflow::group_norm_act_backward", mutates_args=())
-def _group_norm_act_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    pre: Tensor | None,
-    scale: Tensor | None,
-    shift: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    groups: int,
-    act: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor? pre, Tensor? scale, Tensor? shift, Tensor mean, "
+    "Tensor rstd, SymInt groups, bool act) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("sdeflow::group_norm_act_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _group_norm_act_backward(dy, x, weight, bias, pre, scale, shift, mean, rstd, groups, act):
     """(dx, dpre, dγ, dβ, dscale, dshift); the optional gradients are fp32 (N, C), zeros-shaped (0,) when their
     input is absent."""
     n, c, h, w = x.shape
@@ -207,7 +190,7 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_act.register_autograd(_backward, setup_context=_setup_context)
 
 
-def group_norm_act_triton(
+def group_norm_act(
     x: Tensor,
     groups: int,
     weight: Tensor,
@@ -218,10 +201,16 @@ def group_norm_act_triton(
     shift: Tensor | None = None,
     act: bool = True,
     out_dtype: torch.dtype | None = None,
+    reference: bool = False,
 ) -> Tensor:
-    """The fused operator on a channels-last input (see :func:`supported`); ``pre``, ``scale``, ``shift`` (N, C)."""
+    """silu((GN(x + pre)·γ + β)·(1 + scale) + shift), ``pre``, ``scale``, ``shift`` of shape (N, C), by the fused
+    operator on a channels-last input (see :func:`supported`), written in ``out_dtype`` (default: x's and γ's
+    promoted dtype); ``reference=True``: the same from PyTorch's own ``F.group_norm`` in fp32, the answer the kernels
+    must give."""
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift come together")
+    if reference:
+        return _reference(x, groups, weight, bias, eps, pre, scale, shift, act)
     out = out_dtype or torch.promote_types(x.dtype, weight.dtype)
     pre, scale, shift = (None if v is None else v.contiguous() for v in (pre, scale, shift))  # rows of C, as indexed
     return _group_norm_act(x, weight, bias, pre, scale, shift, groups, float(eps), act, out)[0]

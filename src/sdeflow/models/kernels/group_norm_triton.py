@@ -40,8 +40,11 @@ def _first_in_group(v, GB: tl.constexpr, CPG: tl.constexpr):
 
 
 @triton.jit
-def _grad_z(u, dy, mean_b, rstd_b, w, bias, s, t, ACT: tl.constexpr):
-    """(x̂, a, dz) of a tile: x̂ = (u − μ)·rstd, a = x̂γ + β, dz = dy·σ(z)(1 + z(1 − σ(z))) with z = a·s + t."""
+def _grad_z(X, DY, off, m, p, mean_b, rstd_b, w, bias, s, t, ACT: tl.constexpr):
+    """(x̂, a, dz) of the tile at ``off`` (rows ``m`` valid; others give dz = 0): u = x + p, x̂ = (u − μ)·rstd,
+    a = x̂γ + β, dz = dy·σ(z)(1 + z(1 − σ(z))) with z = a·s + t."""
+    u = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32) + p[None, :]
+    dy = tl.load(DY + off, mask=m[:, None], other=0.0).to(tl.float32)
     xh = (u - mean_b[None, :]) * rstd_b[None, :]
     a = xh * w[None, :] + bias[None, :]
     dz = dy
@@ -50,6 +53,20 @@ def _grad_z(u, dy, mean_b, rstd_b, w, bias, s, t, ACT: tl.constexpr):
         sg = tl.sigmoid(z)
         dz = dy * sg * (1.0 + z * (1.0 - sg))
     return xh, a, dz
+
+
+@triton.jit
+def _rows(base, start, rows, HW, C, c):
+    """Offsets of the tile of positions ``start + rows`` and channels ``c``, and which of its rows lie in the image."""
+    r = start + rows
+    return base + r[:, None] * C + c[None, :], r < HW
+
+
+@triton.jit
+def _grad_u(dz, xh, m, s, w, rstd_b, m1_b, m2_b):
+    """du = rstd·(dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)), dx̂ = dz·s·γ; zero on rows outside the image."""
+    du = rstd_b[None, :] * (dz * (s * w)[None, :] - m1_b[None, :] - xh * m2_b[None, :])
+    return tl.where(m[:, None], du, 0.0)
 
 
 @triton.jit
@@ -78,9 +95,8 @@ def group_norm_act_forward(
         s1 = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)  # summed over rows once, after the loop
         s2 = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            r = start + rows
-            m = r < HW
-            v = tl.load(X + base + r[:, None] * C + c[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+            off, m = _rows(base, start, rows, HW, C, c)
+            v = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32)
             d = tl.where(m[:, None], v + p[None, :] - k[None, :], 0.0)
             s1 += d
             s2 += d * d
@@ -108,9 +124,7 @@ def group_norm_act_forward(
         tl.store(Y + base + rows[:, None] * C + c[None, :], z.to(Y.dtype.element_ty), mask=m[:, None])
     else:
         for start in range(0, HW, BLOCK_HW):
-            r = start + rows
-            m = r < HW
-            off = base + r[:, None] * C + c[None, :]
+            off, m = _rows(base, start, rows, HW, C, c)
             v = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32) + p[None, :]
             z = v * a1[None, :] + a0[None, :]
             if ACT:
@@ -148,9 +162,7 @@ def group_norm_act_backward(
     if ONE_PASS:
         m = rows < HW
         off = base + rows[:, None] * C + c[None, :]
-        u = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32) + p[None, :]
-        dy = tl.load(DY + off, mask=m[:, None], other=0.0).to(tl.float32)
-        xh, a, dz = _grad_z(u, dy, mean_b, rstd_b, w, bias, s, t, ACT)  # masked rows: dy = 0, so dz = 0
+        xh, a, dz = _grad_z(X, DY, off, m, p, mean_b, rstd_b, w, bias, s, t, ACT)
         sum_dz = tl.sum(dz, 0)
         sum_dz_a = tl.sum(dz * a, 0)
         sum_da = sum_dz * s
@@ -160,12 +172,8 @@ def group_norm_act_backward(
         acc_dz_a = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
         acc_dz_xh = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            r = start + rows
-            m = r < HW
-            off = base + r[:, None] * C + c[None, :]
-            u = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32) + p[None, :]
-            dy = tl.load(DY + off, mask=m[:, None], other=0.0).to(tl.float32)
-            xh, a, dz = _grad_z(u, dy, mean_b, rstd_b, w, bias, s, t, ACT)
+            off, m = _rows(base, start, rows, HW, C, c)
+            xh, a, dz = _grad_z(X, DY, off, m, p, mean_b, rstd_b, w, bias, s, t, ACT)
             acc_dz += dz
             acc_dz_a += dz * a
             acc_dz_xh += dz * xh
@@ -178,21 +186,15 @@ def group_norm_act_backward(
     m1_b = _group_mean(sum_da * w, GB, CPG, CPG * HW)
     m2_b = _group_mean(sum_da_xh * w, GB, CPG, CPG * HW)
     if ONE_PASS:
-        du = rstd_b[None, :] * (dz * (s * w)[None, :] - m1_b[None, :] - xh * m2_b[None, :])
-        du = tl.where(m[:, None], du, 0.0)
+        du = _grad_u(dz, xh, m, s, w, rstd_b, m1_b, m2_b)
         tl.store(DX + off, du.to(DX.dtype.element_ty), mask=m[:, None])
         sum_du = tl.sum(du, 0)
     else:
         acc_du = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            r = start + rows
-            m = r < HW
-            off = base + r[:, None] * C + c[None, :]
-            u = tl.load(X + off, mask=m[:, None], other=0.0).to(tl.float32) + p[None, :]
-            dy = tl.load(DY + off, mask=m[:, None], other=0.0).to(tl.float32)
-            xh, a, dz = _grad_z(u, dy, mean_b, rstd_b, w, bias, s, t, ACT)
-            du = rstd_b[None, :] * (dz * (s * w)[None, :] - m1_b[None, :] - xh * m2_b[None, :])
-            du = tl.where(m[:, None], du, 0.0)
+            off, m = _rows(base, start, rows, HW, C, c)
+            xh, a, dz = _grad_z(X, DY, off, m, p, mean_b, rstd_b, w, bias, s, t, ACT)
+            du = _grad_u(dz, xh, m, s, w, rstd_b, m1_b, m2_b)
             tl.store(DX + off, du.to(DX.dtype.element_ty), mask=m[:, None])
             acc_du += du
         sum_du = tl.sum(acc_du, 0)
