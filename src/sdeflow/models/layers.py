@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import group_norm_act, interpreted, supported, triton_available
+
 __all__ = [
     "ATTENTION_BACKENDS",
     "NORM_BACKENDS",
@@ -224,8 +226,6 @@ class GroupNorm(nn.GroupNorm):
         act: bool = False,
     ) -> Tensor:
         if self._fused(x):
-            from .kernels import group_norm_act
-
             fast = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type)
             out = x.dtype if fast else torch.promote_types(x.dtype, self.weight.dtype)
             return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, pre, scale, shift, act, out)
@@ -240,8 +240,6 @@ class GroupNorm(nn.GroupNorm):
         return F.silu(y) if act else y
 
     def _fused(self, x: Tensor) -> bool:
-        from .kernels import interpreted, supported, triton_available
-
         if _NORM_BACKEND == "torch" or self.weight is None:
             return False
         if x.device.type != "cuda" and (_NORM_BACKEND == "auto" or not interpreted()):
