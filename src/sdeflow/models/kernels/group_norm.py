@@ -32,9 +32,9 @@ def triton_available() -> bool:
     return True
 
 
-# Launch settings, from the sweep on an H100 (``python benchmarks/speed_norm.py --sweep``, kernels replayed from
-# CUDA graphs, the benchmark UNet's shapes): a block held in registers wins where positions are few (16×16 and
-# below: 6 µs against 12 at 8×8), tiles of 8192 elements looped over with 8 warps from 32×32 up.
+# Launch settings, from the sweep on an H100 (``python benchmarks/speed_norm.py --sweep``, figures in
+# benchmarks/results/norm_sweep/): a block held in registers wins where positions are few (16×16 and below), tiles
+# of 8192 elements looped over with 8 warps from 32×32 up.
 REGISTER_TILE, LOOP_TILE = 4096, 8192
 ONE_PASS = True  # False: always loop over tiles (the tests run both kernel shapes on small inputs)
 WARPS = 0  # warps a program; 0: 4 for a block in registers, 8 looping
