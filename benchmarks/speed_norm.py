@@ -93,14 +93,27 @@ def norm_rows(bench: Bench) -> Iterator[dict]:
 
 
 def sweep_rows(bench: Bench) -> Iterator[dict]:
-    """Launch configurations of our Triton operator (registers or looped tiles, tile size, warps), uncompiled,
-    bf16 under autocast as in the UNet, on the benchmark UNet's training shapes (batch 128) and the sampling
-    batch: the figures behind the defaults in ``sdeflow/models/kernels/group_norm.py``."""
+    """Launch configurations of our Triton operator (registers or looped tiles, tile size, warps), uncompiled and
+    replayed from CUDA graphs, bf16 under autocast as in the UNet, on the benchmark UNet's training shapes (batch
+    128) and the sampling batch: the figures behind the defaults in ``sdeflow/models/kernels/group_norm.py``."""
     from sdeflow.models.kernels import group_norm as gnk
-    from sdeflow.models.layers import GroupNorm, set_norm_backend
+    from sdeflow.models.layers import set_norm_backend
 
     dev = bench.device
-    set_norm_backend("triton" if dev.type == "cuda" else "torch")
+    defaults = gnk.ONE_PASS, gnk.REGISTER_TILE, gnk.LOOP_TILE, gnk.WARPS
+    old_norms = set_norm_backend("triton" if dev.type == "cuda" else "torch")
+    try:
+        yield from _sweep(bench)
+    finally:  # the library's own settings back, whatever happened
+        gnk.ONE_PASS, gnk.REGISTER_TILE, gnk.LOOP_TILE, gnk.WARPS = defaults
+        set_norm_backend(old_norms)
+
+
+def _sweep(bench: Bench) -> Iterator[dict]:
+    from sdeflow.models.kernels import group_norm as gnk
+    from sdeflow.models.layers import GroupNorm
+
+    dev = bench.device
     shapes = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (256, 256, 32, 32)]
     configs = [(True, t, w) for t in (4096, 8192, 16384, 32768) for w in (4, 8, 16)]
     configs += [(False, t, w) for t in (2048, 4096, 8192, 16384) for w in (4, 8)]
@@ -136,8 +149,6 @@ def sweep_rows(bench: Bench) -> Iterator[dict]:
                     "GB_per_s": nbytes / m["sec"] / 1e9,
                     "spread": m["spread"],
                 }
-    gnk.ONE_PASS, gnk.REGISTER_TILE, gnk.LOOP_TILE, gnk.WARPS = True, 4096, 8192, 0
-    set_norm_backend("auto")
 
 
 def write_report(out: Path) -> None:

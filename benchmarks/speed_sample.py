@@ -181,12 +181,14 @@ def best_rows(bench: Bench, batches: list[int], nfe: int = 20) -> Iterator[dict]
             # (the default on CUDA) and as Inductor compiles our PyTorch formulation of it
             for norms, label in (("auto", ""), ("torch", ", norms by Inductor")):
                 old_norms = set_norm_backend(norms)
-                fast = accelerate_denoiser(den, "bf16", compile=True, channels_last=True, cast_weights=True)
-                whole = CUDAGraphSampler(fast, process, "ddim", steps=nfe)
-                run = lambda w=whole, b=b: w((b, 3, 32, 32), seed=0).float().cpu()  # noqa: E731
-                variant = f"ddim bf16 weights, channels-last, compile, whole sampler loop in one CUDA graph{label}"
-                yield _best_row(run, bench, part, "sdeflow", variant, n_ours, b, nfe)
-                set_norm_backend(old_norms)
+                try:
+                    fast = accelerate_denoiser(den, "bf16", compile=True, channels_last=True, cast_weights=True)
+                    whole = CUDAGraphSampler(fast, process, "ddim", steps=nfe)
+                    run = lambda w=whole, b=b: w((b, 3, 32, 32), seed=0).float().cpu()  # noqa: E731
+                    variant = f"ddim bf16 weights, channels-last, compile, whole sampler loop in one CUDA graph{label}"
+                    yield _best_row(run, bench, part, "sdeflow", variant, n_ours, b, nfe)
+                finally:  # the next batch's rows run with the default again, whatever happened here
+                    set_norm_backend(old_norms)
                 del whole
         del fast, den, run
         free()

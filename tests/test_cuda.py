@@ -343,6 +343,7 @@ def test_triton_group_norm_act_on_gpu(pre, mod, act):
     """The fused operator compiled for the GPU, with the UNet's neighbours (additive embedding, scale-shift, SiLU):
     values and every gradient against PyTorch's operators in fp32; the same kernel under torch.compile (fullgraph)
     and inside a CUDA graph gives the same bits as eager."""
+    from helpers import group_norm_act_reference
     from sdeflow.models.kernels import group_norm_act
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -359,7 +360,7 @@ def test_triton_group_norm_act_on_gpu(pre, mod, act):
         }
     leaves = [t.requires_grad_() for t in (x, weight, bias, *extra.values())]
     y = group_norm_act(x, 32, weight, bias, 1e-6, act=act, **extra)
-    ref = group_norm_act(x, 32, weight, bias, 1e-6, act=act, **extra, reference=True)
+    ref = group_norm_act_reference(x, 32, weight, bias, 1e-6, act=act, **extra)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     dy = torch.randn(y.shape, device="cuda", generator=g)
     for a, b in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy), strict=True):

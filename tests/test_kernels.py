@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from helpers import group_norm_act_reference  # noqa: E402
 from sdeflow.models import UNet  # noqa: E402
 from sdeflow.models.kernels import group_norm as gn_module  # noqa: E402
 from sdeflow.models.kernels import (  # noqa: E402
@@ -57,7 +58,7 @@ def test_group_norm_act_equals_pytorch_with_every_gradient(shape, groups, pre, m
     assert gn_module._blocks(shape[1], groups, shape[2] * shape[3])["ONE_PASS"] == (tiles == "registers")
     x, weight, bias, extra = _inputs(*shape, pre, mod)
     y = group_norm_act(x, groups, weight, bias, 1e-6, act=act, **extra)
-    ref = group_norm_act(x, groups, weight, bias, 1e-6, act=act, **extra, reference=True)
+    ref = group_norm_act_reference(x, groups, weight, bias, 1e-6, act=act, **extra)
     assert y.is_contiguous(memory_format=CL) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
@@ -138,7 +139,9 @@ def test_backend_choice_and_fallbacks():
     assert not supported(torch.randn(2, 64, 4, 4), 16)  # NCHW
     old = set_norm_backend("triton")
     try:
-        assert not norm._fused(x) and norm._fused(torch.randn(2, 96, 4, 4).to(memory_format=CL)[:, :64]) is False
+        assert not norm._fused(x)
+        sliced = torch.randn(2, 96, 4, 4).to(memory_format=CL)[:, :64]  # 64 channels, but not a dense NHWC block
+        assert not GroupNorm(16, 64)._fused(sliced)
         torch.testing.assert_close(norm(x, act=True), F.silu(F.group_norm(x, 32, norm.weight, norm.bias, norm.eps)))
         assert GroupNorm(16, 64)._fused(torch.randn(2, 64, 4, 4).to(memory_format=CL))
         assert not GroupNorm(16, 64, affine=False)._fused(torch.randn(2, 64, 4, 4).to(memory_format=CL))
@@ -148,6 +151,21 @@ def test_backend_choice_and_fallbacks():
         set_norm_backend(old)
     with pytest.raises(ValueError, match="unknown norm backend 'fast'"):
         set_norm_backend("fast")
+    y = torch.randn(2, 64, 4, 4).to(memory_format=CL)
+    for bad, match in (
+        ({"pre": torch.zeros(2, 64, 1, 1)}, r"pre must have shape \(2, 64\), got \(2, 64, 1, 1\)"),
+        ({"scale": torch.zeros(64), "shift": torch.zeros(2, 64)}, r"scale must have shape \(2, 64\)"),
+        ({"scale": torch.zeros(2, 64), "shift": torch.zeros(2, 32)}, r"shift must have shape \(2, 64\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            group_norm_act(y, 16, torch.ones(64), torch.zeros(64), 1e-6, **bad)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        group_norm_act(y, 16, torch.ones(32), torch.zeros(64), 1e-6)
+    for backend in ("torch", "triton"):  # the module refuses it on either path
+        set_norm_backend(backend)
+        with pytest.raises(ValueError, match="GroupNorm: scale and shift come together"):
+            GroupNorm(16, 64)(y, scale=torch.zeros(2, 64))
+    set_norm_backend(old)
     with pytest.raises(ValueError, match="scale and shift come together"):
         group_norm_act(
             x[:, :64].contiguous(memory_format=CL), 16, torch.ones(64), torch.zeros(64), 1e-6, scale=torch.ones(2, 64)

@@ -225,6 +225,8 @@ class GroupNorm(nn.GroupNorm):
         shift: Tensor | None = None,
         act: bool = False,
     ) -> Tensor:
+        if (scale is None) != (shift is None):
+            raise ValueError("GroupNorm: scale and shift come together")
         if self._fused(x):
             fast = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type)
             out = x.dtype if fast else torch.promote_types(x.dtype, self.weight.dtype)
