@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from timing import Bench, load_results, run_line, start, time_steps
+from timing import Bench, kernel_main, kernel_table, load_results, run_line, time_steps
 
 CALLS = 10  # calls captured per CUDA graph
 
@@ -161,35 +161,14 @@ def write_report(out: Path) -> None:
         "",
         "GB/s counts the least traffic (forward: x read twice, y written; backward: x and dy read, dx written).",
         "",
-        "| shape | pass | layout | library | µs | GB/s |",
-        "|---|---|---|---|---|---|",
+        *kernel_table(rows, ("shape", "pass", "layout", "library")),
     ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| error: {r['error'][:160]} |" + " |" * 5)
-            continue
-        lines.append(
-            f"| {tuple(r['shape'])} | {r['pass']} | {r['layout']} | {r['library']} | {r['us']:.0f} | "
-            f"{r['GB_per_s']:.0f} |"
-        )
     (out / "speed_norm.md").write_text("\n".join(lines) + "\n")
     print((out / "speed_norm.md").read_text())
 
 
 def main() -> None:
-    bench, args = start(
-        "speed_norm",
-        __doc__,
-        lambda ap: ap.add_argument("--sweep", action="store_true", help="launch configurations of our kernels"),
-    )
-    if bench is None:
-        return write_report(Path(args.out))
-    try:
-        for r in sweep_rows(bench) if args.sweep else norm_rows(bench):
-            bench.add(r)
-    except Exception as e:
-        bench.add({"part": "norm", "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
-    write_report(bench.out)
+    kernel_main("speed_norm", __doc__, norm_rows, sweep_rows, write_report)
 
 
 if __name__ == "__main__":

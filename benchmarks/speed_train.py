@@ -57,10 +57,11 @@ def sdeflow_trainer(
     mode: str = "default",
     options: str = "{}",
     graph: bool = False,
+    norms: str = "auto",
 ):
     """sdeflow's Trainer on the benchmark model; ``fast``: channels-last, fused AdamW and cuDNN-first attention;
     ``mode`` or ``options`` (Inductor options, YAML) go to torch.compile; ``graph``: the whole step replayed
-    from one CUDA graph (``train.cuda_graph``)."""
+    from one CUDA graph (``train.cuda_graph``); ``norms``: ``train.norm_backend``."""
     dev = bench.device
     from sdeflow.config import load_config
     from sdeflow.training import Trainer
@@ -94,6 +95,7 @@ def sdeflow_trainer(
             f"train.compile_mode={mode}",
             f"train.compile_options={options}",
             f"train.cuda_graph={str(graph).lower()}",
+            f"train.norm_backend={norms}",
             f"train.channels_last={str(fast and kind == 'unet').lower()}",
             f"train.fused_optimizer={str(fast).lower()}",
             f"train.attention_backend={'auto' if fast else 'default'}",
@@ -114,20 +116,20 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Benc
     graph = "one CUDA graph" in variant
     from sdeflow.models.layers import set_norm_backend
 
-    # "norms by Inductor": our PyTorch formulation of GroupNorm compiled by Inductor instead of our Triton operator
-    old_norms = set_norm_backend("torch" if "norms by Inductor" in variant else "auto")
-    try:
-        return _sdeflow_train_row(kind, variant, npz, tmp, bench, compiled, fast, mode, options, graph)
+    # "norms by Inductor": our PyTorch formulation of the norms compiled by Inductor instead of our Triton operators
+    norms = "torch" if "norms by Inductor" in variant else "auto"
+    try:  # the Trainer sets the process-wide backend from its config: put the default back after the row
+        return _sdeflow_train_row(kind, variant, npz, tmp, bench, compiled, fast, mode, options, graph, norms)
     finally:
-        set_norm_backend(old_norms)
+        set_norm_backend("auto")
 
 
 def _sdeflow_train_row(
     kind: str, variant: str, npz: Path, tmp: Path, bench: Bench, compiled: bool, fast: bool, mode: str, options: str,
-    graph: bool,
+    graph: bool, norms: str,
 ) -> dict:  # fmt: skip
     dev = bench.device
-    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, bench, mode, options, graph)
+    tr = sdeflow_trainer(kind, npz, tmp / f"{kind}_{variant}", compiled, fast, bench, mode, options, graph, norms)
     net = tr.objective.net
     if "PyTorch GroupNorm" in variant:  # compilation is lazy: the swap is seen by the first step
         use_torch_group_norm(net)

@@ -109,7 +109,7 @@ def free() -> None:
 
 CATEGORIES = (  # first match wins
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
-    ("our Triton kernels (GroupNorm + neighbours)", ("group_norm_act",)),
+    ("our Triton kernels (GroupNorm, adaLN + neighbours)", ("group_norm_act", "ada_layer_norm")),
     ("fused elementwise / norms (Triton)", ("triton",)),
     ("copies / memsets / layout transposes", ("memcpy", "memset", "copy", "nchwtonhwc", "nhwctonchw")),
     ("matmul / conv (cuBLAS, cuDNN, CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "conv", "sm90", "sm80", "cudnn")),
@@ -361,3 +361,30 @@ def run_line(m: dict) -> str:
         f"`{m['command']}` — {m['date']}, {m['device']}, torch {m['torch']}, cuDNN {m.get('cudnn')}, diffusers "
         f"{m.get('diffusers')}; measured bf16 matmul peak {m['bf16_peak_TFLOPs']:.0f} TFLOP/s."
     )
+
+
+def kernel_table(rows: list[dict], columns: tuple[str, ...]) -> list[str]:
+    """A markdown table of kernel-timing rows: ``columns`` of each row as given, then µs and GB/s."""
+    out = ["| " + " | ".join((*columns, "µs", "GB/s")) + " |", "|" + "---|" * (len(columns) + 2)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| error: {r['error'][:160]} |" + " |" * (len(columns) + 1))
+            continue
+        cells = [str(tuple(r[c])) if isinstance(r[c], list) else str(r[c]) for c in columns]
+        out.append("| " + " | ".join((*cells, f"{r['us']:.0f}", f"{r['GB_per_s']:.0f}")) + " |")
+    return out
+
+
+def kernel_main(name: str, doc: str, rows: Callable, sweep: Callable, write_report: Callable[[Path], None]) -> None:
+    """A kernel benchmark's command line: ``rows(bench)`` (or, with ``--sweep``, ``sweep(bench)``) recorded one by
+    one, an error recorded as a row, then the report."""
+    bench, args = start(name, doc, lambda ap: ap.add_argument("--sweep", action="store_true", help="launch settings"))
+    if bench is None:
+        return write_report(Path(args.out))
+    try:
+        for r in sweep(bench) if args.sweep else rows(bench):
+            bench.add(r)
+    except Exception as e:
+        part = "sweep" if args.sweep else name.removeprefix("speed_")
+        bench.add({"part": part, "library": "?", "variant": "?", "error": f"{type(e).__name__}: {e}"[:300]})
+    write_report(bench.out)

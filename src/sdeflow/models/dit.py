@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import LabelEmbedding, PositionalEmbedding, RMSNorm, attention
+from .layers import AdaLayerNorm, LabelEmbedding, PositionalEmbedding, RMSNorm, attention
 
-__all__ = ["DiT", "modulate", "sincos_pos_embed_2d"]
+__all__ = ["DiT", "sincos_pos_embed_2d"]
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
@@ -37,21 +37,16 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
     return torch.cat([emb(xx), emb(yy)], dim=1).float()
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x·(1 + scale) + shift, per sample (Peebles & Xie 2023)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = AdaLayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.q_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = AdaLayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -64,11 +59,11 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=1)
         b, n, d = x.shape
-        qkv = self.qkv(modulate(self.norm1(x), sh1, sc1)).reshape(b, n, 3, self.heads, d // self.heads)
+        qkv = self.qkv(self.norm1(x, sh1, sc1)).reshape(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d_head)
         a = attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(b, n, d)
-        x = x + g1[:, None] * self.proj(a)
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        x, h = self.norm2.residual(x, self.proj(a), g1, sh2, sc2)  # x + g₁·proj(a), and adaLN of it
+        return x + g2[:, None] * self.mlp(h)
 
 
 class DiT(nn.Module):
@@ -106,7 +101,7 @@ class DiT(nn.Module):
         )
         self.y_emb = LabelEmbedding(num_classes, hidden_size) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.final_norm = AdaLayerNorm(hidden_size)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
         self._init_weights()
@@ -167,7 +162,7 @@ class DiT(nn.Module):
         """The final adaLN layer and linear map of tokens (B, N, D) back to an image (B, C, H, W)."""
         b = len(h)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
-        h = self.final(modulate(self.final_norm(h), shift, scale))  # (B, N, p*p*C)
+        h = self.final(self.final_norm(h, shift, scale))  # (B, N, p*p*C)
         p, g, co = self.patch, self.grid, self.out_channels
         h = h.reshape(b, g, g, p, p, co).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(b, co, g * p, g * p)

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import group_norm_act, interpreted, supported, triton_available
+from .kernels import ada_layer_norm, ada_supported, group_norm_act, interpreted, supported, triton_available
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "NORM_BACKENDS",
+    "AdaLayerNorm",
     "FourierEmbedding",
     "GroupNorm",
     "LabelEmbedding",
@@ -242,11 +243,56 @@ class GroupNorm(nn.GroupNorm):
         return F.silu(y) if act else y
 
     def _fused(self, x: Tensor) -> bool:
-        if _NORM_BACKEND == "torch" or self.weight is None:
-            return False
-        if x.device.type != "cuda" and (_NORM_BACKEND == "auto" or not interpreted()):
-            return False
-        return triton_available() and supported(x, self.num_groups)
+        return self.weight is not None and _triton_norms(x) and supported(x, self.num_groups)
+
+
+class AdaLayerNorm(nn.Module):
+    """Layer normalisation without its own affine, modulated per sample: adaLN (Peebles & Xie 2023, §3.2),
+
+        y = LN(x)·(1 + scale) + shift,        and with :meth:`residual`, first  x ← x + gate·branch,
+
+    scale, shift, gate (B, D) regressed from the condition, x and branch (B, N, D) token streams. On CUDA it runs
+    as one fused Triton operator, forward and backward (:func:`sdeflow.models.kernels.ada_layer_norm`,
+    :func:`set_norm_backend`); elsewhere as PyTorch's ``F.layer_norm`` and elementwise operators. Why fused: the
+    residual add, the statistics, the modulation and the per-sample gradient sums of scale, shift and gate read
+    the token stream once a pass instead of once a stage. Under autocast the fused operator writes the autocast
+    dtype whatever the stream's (DiT's residual stream is fp32, its positional embedding being fp32): the linear
+    layer that reads y would cast to it anyway. No parameters, no state."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        if self._fused(x):
+            return ada_layer_norm(x, shift, scale, self.eps, out_dtype=self._out_dtype(x))[1]
+        y = F.layer_norm(x, (self.dim,), eps=self.eps)
+        return y * (1 + scale[:, None]) + shift[:, None]
+
+    def residual(self, x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + gate·branch, the normalised, modulated sum): adaLN-Zero's gated residual and the next norm."""
+        if self._fused(x):
+            return ada_layer_norm(x, shift, scale, self.eps, branch, gate, self._out_dtype(x))
+        x = x + gate[:, None] * branch
+        return x, self(x, shift, scale)
+
+    def _fused(self, x: Tensor) -> bool:
+        return _triton_norms(x) and ada_supported(x)
+
+    @staticmethod
+    def _out_dtype(x: Tensor) -> torch.dtype | None:
+        on = torch.is_autocast_enabled(x.device.type)
+        return torch.get_autocast_dtype(x.device.type) if on else None
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+def _triton_norms(x: Tensor) -> bool:
+    """Whether the norm backend sends x to our Triton operators (shape support aside)."""
+    if _NORM_BACKEND == "torch" or not triton_available():
+        return False
+    return x.device.type == "cuda" or (_NORM_BACKEND == "triton" and interpreted())
 
 
 NORM_BACKENDS = ("auto", "triton", "torch")
@@ -254,9 +300,10 @@ _NORM_BACKEND = "auto"
 
 
 def set_norm_backend(name: str = "auto") -> str:
-    """Which group normalisation :class:`GroupNorm` runs: ``"auto"`` (the fused Triton operator on CUDA
-    channels-last inputs it supports, PyTorch's elsewhere), ``"torch"`` (always PyTorch's), or ``"triton"`` (the
-    Triton operator wherever it supports the input, CPU tensors included under Triton's interpreter: for tests).
+    """Which normalisation :class:`GroupNorm` and :class:`AdaLayerNorm` run: ``"auto"`` (the fused Triton operators
+    on CUDA inputs they support, channels-last for GroupNorm; PyTorch's elsewhere), ``"torch"`` (always PyTorch's),
+    or ``"triton"`` (the Triton operators wherever they support the input, CPU tensors included under Triton's
+    interpreter: for tests).
     Process-wide; read when a graph is traced. Returns the previous setting."""
     global _NORM_BACKEND
     if name not in NORM_BACKENDS:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.condition import check_text
-from .dit import DiT, modulate
-from .layers import RMSNorm, attention
+from .dit import DiT
+from .layers import AdaLayerNorm, RMSNorm, attention
 
 __all__ = ["MMDiT", "MMDiTBlock"]
 
@@ -30,14 +30,14 @@ class _Stream(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False):
         super().__init__()
         self.heads, self.pre_only = heads, pre_only
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = AdaLayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
-            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.norm2 = AdaLayerNorm(dim)
             hidden = int(dim * mlp_ratio)
             self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
@@ -45,15 +45,15 @@ class _Stream(nn.Module):
         """Q, K, V (B, heads, N, d) of the modulated, normalised stream, and the remaining modulation."""
         params = list(self.ada(c).chunk(2 if self.pre_only else 6, dim=1))
         b, n, d = x.shape
-        qkv = self.qkv(modulate(self.norm1(x), params[0], params[1])).reshape(b, n, 3, self.heads, d // self.heads)
+        qkv = self.qkv(self.norm1(x, params[0], params[1])).reshape(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v, params[2:]
 
     def finish(self, x: Tensor, a: Tensor, params: list[Tensor]) -> Tensor:
         """x + g₁·proj(attention) then x + g₂·MLP(adaLN(x)): the stream's residual branches."""
         gate1, shift2, scale2, gate2 = params
-        x = x + gate1[:, None] * self.proj(a)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x, h = self.norm2.residual(x, self.proj(a), gate1, shift2, scale2)
+        return x + gate2[:, None] * self.mlp(h)
 
 
 class MMDiTBlock(nn.Module):

@@ -7,28 +7,14 @@ decides when to use it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
-__all__ = ["group_norm_act", "interpreted", "supported", "triton_available"]
+from .runtime import check_device
+
+__all__ = ["group_norm_act", "supported"]
 
 _CL = torch.channels_last
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter: ``TRITON_INTERPRET=1`` set before Triton's import (the CPU
-    tests); only then do CPU tensors go to the kernels."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, without importing it
-
-
-def triton_available() -> bool:
-    return _TRITON
 
 
 # Launch settings, from the sweep on an H100 (``python benchmarks/speed_norm.py --sweep``, figures in
@@ -73,11 +59,7 @@ def _launch(x: Tensor, backward: bool, groups: int, pre: Tensor | None, scale: T
     """(kernel, grid, constants) for x's device: compiled for a GPU, or Triton's interpreter for CPU tensors."""
     from . import group_norm_triton as k
 
-    if x.device.type != "cuda" and not interpreted():
-        raise RuntimeError(
-            "the Triton group-norm kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, set "
-            "before Triton is imported, as the tests do)"
-        )
+    check_device(x, "group-norm")
     n, c, h, w = x.shape
     consts = _blocks(c, groups, h * w)
     consts |= dict(HAS_P=pre is not None, HAS_MOD=scale is not None, ACT=act)  # type: ignore[operator]
