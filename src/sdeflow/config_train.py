@@ -73,7 +73,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC activations for convolutional networks on the GPU
     fused_optimizer: bool = True  # one fused kernel for the optimizer step on the GPU (Adam, AdamW, SGD)
     attention_backend: str = "auto"  # sdeflow.models.layers.ATTENTION_BACKENDS; auto: cuDNN on Hopper
-    norm_backend: str = "auto"  # sdeflow.models.layers.NORM_BACKENDS; auto: our Triton GroupNorm on CUDA channels-last
+    norm_backend: str = "auto"  # sdeflow.models.layers.NORM_BACKENDS; auto: our Triton GroupNorm / adaLN on CUDA
     # recompute each block's activations in backward instead of keeping them: less memory, about a third more compute
     activation_checkpointing: bool = False
     # replay the whole step (forward, backward, clipping, optimizer, EMA) from one CUDA graph: no host overhead
