@@ -118,10 +118,11 @@ def sdeflow_train_row(kind: str, variant: str, npz: Path, tmp: Path, bench: Benc
 
     # "norms by Inductor": our PyTorch formulation of the norms compiled by Inductor instead of our Triton operators
     norms = "torch" if "norms by Inductor" in variant else "auto"
-    try:  # the Trainer sets the process-wide backend from its config: put the default back after the row
+    old_norms = set_norm_backend(norms)  # the Trainer sets the same from its config (train.norm_backend)
+    try:
         return _sdeflow_train_row(kind, variant, npz, tmp, bench, compiled, fast, mode, options, graph, norms)
     finally:
-        set_norm_backend("auto")
+        set_norm_backend(old_norms)
 
 
 def _sdeflow_train_row(
